@@ -1,0 +1,121 @@
+"""Placement of batches and parameters on a device mesh (one host or several).
+
+Every estimator in this package runs its math under ``jax.jit`` with
+
+* the batch sharded along its leading (example) axis over every device of the mesh,
+  ``NamedSharding(mesh, P(axes))``;
+* parameters, probes and results replicated, ``NamedSharding(mesh, P())``.
+
+XLA (GSPMD) inserts the all-reduces that turn per-device partial sums of the batch-mean
+loss into the global mean, so the same code serves 1 device, N devices and N hosts. With
+several processes (after ``jax.distributed.initialize()``) each process passes ITS OWN
+slice of the global batch (process-local NumPy arrays; see :func:`shard_batch`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = ["default_mesh", "shard_batch", "replicate", "to_host", "as_batch_list",
+           "batch_size"]
+
+
+def default_mesh() -> Mesh:
+  """A 1-D mesh over every device of every process, axis name ``'data'``."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _batch_spec(mesh: Mesh) -> P:
+  # The example axis is split over all mesh axes, whatever the user named them.
+  return P(tuple(mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def as_batch_list(batches: Any) -> list:
+  """A batch or an iterable of batches -> list of batches.
+
+  One batch is a Mapping (``{'image': ..., 'label': ...}``), a tuple, or an array; any
+  other iterable (list, generator) is a sequence of batches.
+  """
+  if isinstance(batches, (Mapping, tuple)) or hasattr(batches, "shape"):
+    return [batches]
+  if isinstance(batches, Iterable):
+    out = list(batches)
+    if not out:
+      raise ValueError("`batches` is empty: give one batch or a non-empty list of batches")
+    return out
+  raise TypeError(f"`batches` must be a batch pytree or an iterable of them, got {type(batches)}")
+
+
+def batch_size(batch: Any) -> int:
+  """Global leading dimension shared by every leaf of ``batch`` (error if they differ)."""
+  leaves = jax.tree_util.tree_leaves(batch)
+  if not leaves:
+    raise ValueError("a batch has no array leaves")
+  sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in leaves}
+  if len(sizes) != 1 or -1 in sizes:
+    raise ValueError(f"every leaf of a batch needs the same leading (batch) dimension; "
+                     f"got leading sizes {sorted(sizes)}")
+  return sizes.pop()
+
+
+def shard_batch(batch: Any, mesh: Mesh | None = None, *, index: int | None = None) -> Any:
+  """Places ``batch`` on ``mesh`` split along its leading axis.
+
+  Single process: the leaves are the whole batch. Several processes: NumPy (or
+  process-local) leaves are THIS process's contiguous slice of the global batch, assembled
+  with ``jax.make_array_from_process_local_data``; leaves that already are global
+  ``jax.Array`` s are kept (re-sharded if needed).
+
+  Raises:
+    ValueError: if the global batch size is not a multiple of the device count.
+  """
+  mesh = default_mesh() if mesh is None else mesh
+  sharding = NamedSharding(mesh, _batch_spec(mesh))
+  where = "" if index is None else f" (batch {index})"
+  n_dev = mesh.devices.size
+  multi = jax.process_count() > 1
+
+  def place(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      size = x.shape[0]
+      local = None
+    else:
+      local = np.asarray(x) if not isinstance(x, jax.Array) else x
+      size = local.shape[0] * (jax.process_count() if multi else 1)
+    if size % n_dev:
+      raise ValueError(
+          f"batch size {size}{where} is not divisible by the {n_dev} devices of the mesh; "
+          f"use a batch size that is a multiple of {n_dev} (or a smaller mesh)")
+    if local is None:
+      return x if x.sharding == sharding else jax.device_put(x, sharding)
+    if multi:
+      return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+    return jax.device_put(local, sharding)
+
+  batch_size(batch)
+  return jax.tree_util.tree_map(place, batch)
+
+
+def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
+  """Copies every leaf of ``tree`` to every device of ``mesh`` (identical on each process)."""
+  mesh = default_mesh() if mesh is None else mesh
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x: Any) -> Any:
+  """Fetches (replicated) device values to NumPy, also when they span several processes."""
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      if not a.is_fully_replicated:
+        raise ValueError("cannot fetch a value that is sharded across processes")
+      return np.asarray(a.addressable_data(0))
+    return np.asarray(a)
+  return jax.tree_util.tree_map(get, x)
