@@ -1,0 +1,192 @@
+"""Bit-stream packing of integer weights and a single-file export of a quantized model.
+
+``pack`` writes each value's low ``bits`` bits one after the other (little-endian bit order:
+bit k of value i is stream bit ``i * bits + k``), so any width 1..16 costs exactly
+``ceil(count * bits / 8)`` bytes.
+
+File format of :func:`export_packed` (``.amq``; little-endian)::
+
+    b"AMQJAX01"                 8 bytes   magic + format version
+    header_len                  8 bytes   uint64
+    header                      header_len bytes, UTF-8 JSON
+    payload                     the tensors' bytes, back to back, no padding
+
+The header lists every parameter with its path, shape, kind and byte offsets. The payload
+holds, for each quantized kernel (per output channel, ``axis=-1``): its packed integer
+levels, then ``C_out`` float32 scales, then (asymmetric only) ``C_out`` float32
+zero-points; every other parameter as raw float32. So ``file size == 16 + header_len +
+payload`` and the payload equals ``amq_jax.alloc.model_size_bytes(params, config)`` exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from amq_jax import _paths
+from amq_jax.quant._config import BitConfig, as_bit_config
+from amq_jax.quant._math import check_bits, quantize_jit
+
+__all__ = ["pack", "unpack", "packed_nbytes", "export_packed", "load_packed", "read_header",
+           "MAGIC"]
+
+MAGIC = b"AMQJAX01"
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+  """Bytes of ``count`` values packed at ``bits`` bits each: ``ceil(count * bits / 8)``."""
+  return (int(count) * check_bits(bits) + 7) // 8
+
+
+def pack(q, bits: int, *, signed: bool | None = None) -> np.ndarray:
+  """Packs integers into a uint8 bit stream of ``packed_nbytes(q.size, bits)`` bytes.
+
+  Args:
+    q: integer array (any shape; flattened in C order).
+    bits: 1..16.
+    signed: two's complement range ``[-2^(b-1), 2^(b-1)-1]`` if True, ``[0, 2^b-1]`` if False;
+      None infers it (signed iff any value is negative).
+
+  Raises ValueError if a value does not fit.
+  """
+  bits = check_bits(bits)
+  v = np.asarray(q).astype(np.int64).ravel()
+  if signed is None:
+    signed = bool(v.size and v.min() < 0)
+  lo, hi = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1))
+  if v.size and (v.min() < lo or v.max() > hi):
+    raise ValueError(f"values in [{v.min()}, {v.max()}] do not fit {bits} "
+                     f"{'signed' if signed else 'unsigned'} bits [{lo}, {hi}]")
+  u = (v & ((1 << bits) - 1)).astype(np.uint32)
+  stream = ((u[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+  return np.packbits(stream.ravel(), bitorder="little")
+
+
+def unpack(buf, bits: int, count: int, signed: bool) -> np.ndarray:
+  """Inverse of :func:`pack`: the first ``count`` values as int32."""
+  bits = check_bits(bits)
+  buf = np.frombuffer(buf, np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else (
+      np.asarray(buf, np.uint8))
+  if buf.size < packed_nbytes(count, bits):
+    raise ValueError(f"buffer of {buf.size} bytes is too short for {count} x {bits} bits")
+  stream = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits)
+  u = stream.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+  if signed:
+    u = np.where(u >= (1 << (bits - 1)), u - (1 << bits), u)
+  return u.astype(np.int32)
+
+
+def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str):
+  qt = quantize_jit(w, bits=bits, symmetric=symmetric, axis=-1, scale_method=scale_method)
+  q = np.asarray(qt.q)
+  if symmetric and bits == 1:
+    q = (q > 0).astype(np.int32)  # binary: store the sign bit, +1 -> 1, -1 -> 0
+    signed = False
+  else:
+    signed = symmetric
+  return (q, signed, np.asarray(qt.scale, np.float32).ravel(),
+          np.asarray(qt.zero_point, np.float32).ravel())
+
+
+def export_packed(params, bits_cfg, path: str | os.PathLike, *, symmetric: bool = True,
+                  scale_method: str = "minmax") -> dict:
+  """Writes ``params`` to one file with every configured kernel packed at its bit width.
+
+  Kernels in ``bits_cfg`` are quantized per output channel (``axis=-1``) exactly as
+  :func:`amq_jax.quant.fake_quant` does; all other leaves are stored as float32.
+
+  Args:
+    params: the 'params' pytree (nested dicts).
+    bits_cfg: a ``BitConfig`` or mapping ``{layer_path: {'w': bits, ...} | bits}``.
+    path: output file (the ``.amq`` format of the module docstring).
+    symmetric, scale_method: as in :func:`amq_jax.quant.quantize`.
+
+  Returns:
+    ``{'file_bytes', 'header_bytes', 'payload_bytes'}``.
+  """
+  cfg = as_bit_config(bits_cfg)
+  flat = _paths.flatten(params)
+  kernels = {_paths.layer_of(p): p for p in _paths.quantizable_paths(params)}
+  cfg.validate(list(kernels))
+  wanted = {kernels[l]: cfg[l]["w"] for l in cfg.layers if cfg[l].get("w") is not None}
+  entries, chunks, offset = [], [], 0
+
+  def add(buf: bytes):
+    nonlocal offset
+    chunks.append(buf)
+    start, offset = offset, offset + len(buf)
+    return [start, len(buf)]
+
+  for p, v in flat.items():
+    v = np.asarray(jax.device_get(v))
+    e: dict[str, Any] = {"path": p, "shape": list(v.shape), "dtype": str(v.dtype)}
+    if p in wanted:
+      b = wanted[p]
+      q, signed, scale, zp = _kernel_levels(v, b, symmetric, scale_method)
+      e.update(kind="quant", bits=b, signed=signed, symmetric=symmetric,
+               levels=add(pack(q, b, signed=signed).tobytes()),
+               scale=add(scale.tobytes()))
+      if not symmetric:
+        e["zero_point"] = add(zp.tobytes())
+    else:
+      e.update(kind="float32", data=add(np.ascontiguousarray(v, np.float32).tobytes()))
+    entries.append(e)
+  header = json.dumps({"format": MAGIC.decode(), "entries": entries,
+                       "payload_bytes": offset}, separators=(",", ":")).encode()
+  with open(path, "wb") as f:
+    f.write(MAGIC)
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for c in chunks:
+      f.write(c)
+  head = len(MAGIC) + 8 + len(header)
+  return {"file_bytes": head + offset, "header_bytes": head, "payload_bytes": offset}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+  """The JSON header of an ``.amq`` file and the byte offset where its payload starts."""
+  with open(path, "rb") as f:
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+      raise ValueError(f"{path}: not an amq-jax packed file (magic {magic!r})")
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n).decode())
+  return header, len(MAGIC) + 8 + n
+
+
+def load_packed(path: str | os.PathLike, *, return_config: bool = False):
+  """Reads an :func:`export_packed` file back: dequantized float32 params (nested dicts).
+
+  With ``return_config=True`` returns ``(params, BitConfig)`` (weight bits of packed layers).
+  """
+  header, start = read_header(path)
+  with open(path, "rb") as f:
+    f.seek(start)
+    payload = f.read()
+  if len(payload) != header["payload_bytes"]:
+    raise ValueError(f"{path}: payload is {len(payload)} bytes, header says "
+                     f"{header['payload_bytes']}")
+
+  def get(span, dtype=np.float32):
+    return np.frombuffer(payload[span[0]:span[0] + span[1]], dtype)
+
+  flat, bits = {}, {}
+  for e in header["entries"]:
+    shape = tuple(e["shape"])
+    if e["kind"] == "quant":
+      n, b = int(np.prod(shape)), e["bits"]
+      q = unpack(get(e["levels"], np.uint8), b, n, e["signed"]).reshape(shape)
+      if e["symmetric"] and b == 1:
+        q = 2 * q - 1
+      scale = get(e["scale"])
+      zp = get(e["zero_point"]) if "zero_point" in e else np.zeros_like(scale)
+      flat[e["path"]] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+      bits[_paths.layer_of(e["path"])] = {"w": b, "a": None}
+    else:
+      flat[e["path"]] = get(e["data"]).reshape(shape).copy()
+  params = _paths.unflatten(flat)
+  return (params, BitConfig(bits)) if return_config else params
