@@ -7,13 +7,12 @@ import sys
 
 COMMANDS = {
     "train": "train the FP32 model of a config (resumes after interruption)",
+    "analyze": "per-layer Hessian traces and top eigenvalues of the FP32 model",
+    "search": "exact size-vs-Omega frontier and the bit configuration at a budget",
+    "finetune": "quantization-aware fine-tuning of a bit configuration, packed export",
+    "run": "everything: FP32 -> analyze -> search -> finetune -> report (cached per stage)",
+    "report": "rewrite report.md/json and figures from a work directory's finished stages",
 }
-
-
-def _common(p: argparse.ArgumentParser, workdir_required=True):
-  p.add_argument("--config", required=True,
-                 help="config file, e.g. configs/resnet20_fmnist.py (or FILE.py:VARIANT)")
-  p.add_argument("--workdir", required=workdir_required, help="directory for outputs")
 
 
 def _split_overrides(argv):
@@ -35,13 +34,70 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="amq-jax",
       description="Hessian-aware automatic mixed-precision quantization (HAWQ-V2) for JAX/Flax.",
-      epilog="Override any config field with --config.FIELD=VALUE.",
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      epilog="Override any config field with --config.FIELD=VALUE (e.g. --config.num_epochs=2).")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name, help_ in COMMANDS.items():
     p = sub.add_parser(name, help=help_, description=help_)
-    _common(p)
+    p.add_argument("--config", required=True,
+                   help="config file, e.g. configs/resnet20_fmnist.py (or FILE.py:VARIANT)")
+    p.add_argument("--workdir", required=True, help="directory for every output of the run")
+    if name == "analyze":
+      p.add_argument("--force", action="store_true", help="recompute even if files exist")
+    if name == "search":
+      g = p.add_mutually_exclusive_group()
+      g.add_argument("--budget", help="size budget, e.g. 0.12MB, or 'uniform:3'")
+      g.add_argument("--avg-bits", type=float, help="average weight bits, e.g. 3")
+      g.add_argument("--weight-bits", type=float, help="total weight bits sum(n_l * b_l)")
+    if name in ("search", "run"):
+      p.add_argument("--baselines", choices=["default", "all"],
+                     help="which baselines to configure (default: the config's)")
+    if name == "finetune":
+      p.add_argument("--bits", help="bits JSON (default: WORKDIR/search/bits.json)")
+      p.add_argument("--name", default=None, help="name of the run under WORKDIR/finetune/")
   return parser
+
+
+def _budget(args):
+  if getattr(args, "avg_bits", None) is not None:
+    return f"avg:{args.avg_bits}"
+  if getattr(args, "weight_bits", None) is not None:
+    return f"bits:{args.weight_bits}"
+  return getattr(args, "budget", None)
+
+
+def _dispatch(args, cfg) -> int:
+  if args.command == "train":
+    from amq_jax.train import train_fp32
+    print(json.dumps(train_fp32(cfg, args.workdir), indent=2))
+    return 0
+  from amq_jax import pipeline
+  if getattr(args, "baselines", None):
+    cfg.baselines = args.baselines
+  if args.command == "run":
+    report = pipeline.run(cfg, args.workdir)
+    print(open(f"{pipeline.Workdir(args.workdir).root}/report.md").read())
+    return 0
+  ctx = pipeline.Context(cfg, args.workdir, train_if_missing=False)
+  if args.command == "analyze":
+    out = pipeline.analyze(ctx, force=args.force)
+    for p, e in out["traces"]["layers"].items():
+      print(f"{p:45s} Tr(H) = {e['trace']:10.4g} +- {e['stderr']:.2g}  ({e['probes']} probes)")
+  elif args.command == "search":
+    import os
+    if not os.path.isfile(ctx.wd.traces):
+      raise FileNotFoundError(f"{ctx.wd.traces} does not exist; run amq-jax analyze first")
+    pipeline.search(ctx, budget=_budget(args))
+  elif args.command == "finetune":
+    path = args.bits or ctx.wd.bits
+    bits = pipeline.load_bits(ctx, path)
+    name = args.name or ("hawq_v2" if args.bits is None else
+                         __import__("os").path.splitext(__import__("os").path.basename(path))[0])
+    print(json.dumps(pipeline.finetune(ctx, bits, name), indent=2))
+  elif args.command == "report":
+    from amq_jax.pipeline._run import run as _run
+    # Every stage is cached, so this only (re)writes the report for finished stages.
+    _run(cfg, args.workdir)
+  return 0
 
 
 def main(argv=None) -> int:
@@ -52,15 +108,12 @@ def main(argv=None) -> int:
   from amq_jax.data import DataError
   try:
     cfg = load_config(args.config, overrides)
-    if args.command == "train":
-      from amq_jax.train import train_fp32
-      result = train_fp32(cfg, args.workdir)
-      print(json.dumps(result, indent=2))
+    return _dispatch(args, cfg)
   except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError,
           KeyError) as e:
-    print(f"amq-jax {args.command}: error: {e}", file=sys.stderr)
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"amq-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2
-  return 0
 
 
 if __name__ == "__main__":

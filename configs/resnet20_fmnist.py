@@ -35,6 +35,42 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.progress = True
 
+  # Stage 'analyze': Hessian traces and eigenvalues on the first training images.
+  c.hessian = ml_collections.ConfigDict()
+  c.hessian.num_examples = 512
+  c.hessian.batch_size = 128
+  c.hessian.estimator = "adaptive"
+  c.hessian.rtol = 0.05          # stop a layer when its standard error <= rtol * |trace|
+  c.hessian.min_probes = 10
+  c.hessian.max_probes = 100
+  c.hessian.seed = 0
+  c.hessian.eig_batches = 1      # batches used for eigenvalues (power iteration / Lanczos)
+  c.hessian.eig_tol = 1e-3
+  c.hessian.eig_power_iters = 20
+  c.hessian.eig_k = 20
+  c.hessian.eig_layers = ("stage1_block1/conv1", "stage2_block2/conv1", "stage3_block3/conv2")
+
+  # Stage 'search': bit choices, pins, the budget.
+  c.search = ml_collections.ConfigDict()
+  c.search.bit_choices = (2, 3, 4, 8)
+  c.search.budget = "uniform:3"  # or '0.12MB', 'avg:3', 'bits:N'
+  c.search.pin_first_last = 8    # first and last layer at 8 bits (0: free)
+  c.search.symmetric = True
+  c.search.act_bits = 8          # input activations of every quantized layer (None: float)
+  c.search.tie = ()              # tuples of layer regexes that must share bits
+  c.baselines = "default"        # 'default': HAWQ-V2 + uniform; 'all': every baseline
+  c.num_random = 3
+
+  # Stage 'finetune': quantization-aware training from the FP32 model.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.num_epochs = 1.0
+  c.finetune.learning_rate = 0.01
+  c.finetune.warmup_steps = 0
+  c.finetune.weight_decay = 1e-4
+  c.finetune.batch_size = 128
+  c.finetune.calib_examples = 512
+  c.finetune.calib_method = "percentile"
+
   if variant == "tiny":
     c.model = "resnet_tiny"
     c.pretrained = ""
@@ -47,6 +83,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 4
     c.log_every_steps = 4
     c.eval_batch_size = 128
+    c.hessian.num_examples = 128
+    c.hessian.batch_size = 64
+    c.hessian.rtol = 0.2
+    c.hessian.min_probes = 4
+    c.hessian.max_probes = 12
+    c.hessian.eig_power_iters = 5
+    c.hessian.eig_k = 4
+    c.hessian.eig_layers = ("stage1_block1/conv1",)
+    c.finetune.num_epochs = 1.0
+    c.finetune.batch_size = 64
+    c.finetune.calib_examples = 64
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of resnet20_fmnist; use '' or 'tiny'")
   return c
