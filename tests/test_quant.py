@@ -264,14 +264,21 @@ def test_user_model_against_hand_quantized_reference():
 
 
 def test_calibrate_percentile_and_qat_gradients():
+  xu = jax.random.normal(jax.random.key(8), (4, 9, 9, 4))
+  user = UserNet()
+  vu = jax.jit(user.init)(jax.random.key(5), xu)
+  ucfg = quant.uniform_config(quant.quantizable_layers(vu["params"]), 4, 8)
+  mm = quant.calibrate(user, vu, [{"image": xu}, {"image": 2 * xu}], ucfg)
+  pc = quant.calibrate(user, vu, [{"image": xu}], ucfg, method="percentile", percentile=99.0)
+  json.dumps(mm)
+  np.testing.assert_allclose(mm["c1"], [2 * float(xu.min()), 2 * float(xu.max())], rtol=1e-6)
+  assert all(pc[k][0] >= mm[k][0] - 1e-6 and pc[k][1] <= mm[k][1] + 1e-6 for k in mm)
+  np.testing.assert_allclose(pc["c1"], np.percentile(np.asarray(xu), [1.0, 99.0]), rtol=1e-5)
+
   model, v = _init("resnet_tiny", batch=4)
   x = jax.random.normal(jax.random.key(6), (4, 28, 28, 1))
   cfg = quant.uniform_config(quant.quantizable_layers(v["params"]), 4, 8)
-  mm = quant.calibrate(model, v, [{"image": x}], cfg)
-  pc = quant.calibrate(model, v, [{"image": x}], cfg, method="percentile", percentile=99.0)
-  json.dumps(mm)
-  assert all(pc[k][0] >= mm[k][0] - 1e-6 and pc[k][1] <= mm[k][1] + 1e-6 for k in mm)
-  assert pc["stem_conv"][1] < mm["stem_conv"][1]
+  mm = quant.calibrate(model, v, x, cfg)
 
   @jax.jit
   def loss_grad(params, stats):
