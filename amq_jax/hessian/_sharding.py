@@ -107,7 +107,20 @@ def shard_batch(batch: Any, mesh: Mesh | None = None, *, index: int | None = Non
 def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
   """Copies every leaf of ``tree`` to every device of ``mesh`` (identical on each process)."""
   mesh = default_mesh() if mesh is None else mesh
-  return jax.device_put(tree, replicated(mesh))
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    # device_put cannot move a process-local jax.Array onto other hosts' devices; a NumPy
+    # copy (identical on every process) can be placed.
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = place(jax.random.key_data(x))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+  return jax.tree_util.tree_map(place, tree)
 
 
 def to_host(x: Any) -> Any:
