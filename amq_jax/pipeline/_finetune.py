@@ -56,7 +56,8 @@ def export_model(path: str, params, batch_stats, bits: quant.BitConfig, act_rang
   """
   info = quant.export_packed(params, bits, path, symmetric=symmetric)
   state = flax.serialization.msgpack_serialize(
-      {"batch_stats": jax.device_get(batch_stats), "act_ranges": act_ranges or {},
+      {"batch_stats": jax.device_get(batch_stats),
+       "act_ranges": {k: [float(x) for x in v] for k, v in (act_ranges or {}).items()},
        "bits": bits.to_dict()})
   with open(path + ".state", "wb") as f:
     f.write(state)
