@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from amq_jax import alloc, quant
+from amq_jax import _paths, alloc, quant
 from amq_jax.pipeline._common import Context, read_json, write_json
 
 DEFAULT_METHODS = ("hawq_v2", "uniform")
@@ -26,42 +26,60 @@ class BudgetError(ValueError):
 class Problem:
   """Per-layer tables of one model: bits, sizes, BOPs, Omega for each method."""
 
-  def __init__(self, ctx: Context, traces: dict, eigen: dict | None):
-    sc = ctx.cfg.search
-    self.ctx = ctx
-    self.layers = list(ctx.layers)
-    self.bits = tuple(int(b) for b in sc.bit_choices)
-    self.counts = np.array(ctx.param_counts, np.float64)
-    self.symmetric = bool(sc.symmetric)
-    self.act_bits = sc.get("act_bits")
-    errs = alloc.quant_errors(ctx.params, self.layers, self.bits, symmetric=self.symmetric)
+  def __init__(self, params, kernel_paths, avg_traces, top_eigs=None, *,
+               bit_choices=(2, 3, 4, 8), symmetric=True, act_bits=None, pin_first_last=None,
+               tie=()):
+    """Tables for the layers ``kernel_paths`` (in forward order) of ``params``.
+
+    Args:
+      avg_traces: ``{kernel_path: Tr(H_l)/n_l}`` (or TraceEstimates).
+      top_eigs: ``{kernel_path: top eigenvalue}`` for the HAWQ-V1 baseline, or None.
+      bit_choices: weight widths. pin_first_last: width for the first and last layers.
+      tie: tuples of layer regexes whose layers share one width.
+    """
+    self.params = params
+    self.kernel_paths = list(kernel_paths)
+    self.layers = [p.rsplit("/", 1)[0] for p in self.kernel_paths]
+    self.bits = tuple(int(b) for b in bit_choices)
+    flat = _paths.flatten(params)
+    self.counts = np.array([np.size(flat[p]) for p in self.kernel_paths], np.float64)
+    self.symmetric = bool(symmetric)
+    self.act_bits = act_bits
+    errs = alloc.quant_errors(params, self.layers, self.bits, symmetric=self.symmetric)
     self.errors = errs
-    avg = {k: v["avg_trace"] for k, v in traces["layers"].items()}
+    avg = {k: getattr(v, "avg_trace", v) for k, v in avg_traces.items()}
     # At a minimum the Hessian is PSD and every block's trace >= 0; a negative estimate
     # (an under-trained model, or noise around zero) is clamped to 0 so that it cannot
     # reward quantization error.
-    self.avg_traces = np.maximum(np.array([avg[p] for p in ctx.kernel_paths]), 0.0)
+    self.avg_traces = np.maximum(np.array([avg[p] for p in self.kernel_paths], np.float64), 0.0)
     self.omega = {
-        "hawq_v2": alloc.omega_table(ctx.params, self.layers, self.bits, errors=errs,
+        "hawq_v2": alloc.omega_table(params, self.layers, self.bits, errors=errs,
                                      avg_traces=self.avg_traces)[2],
-        "weight_norm": alloc.omega_table(ctx.params, self.layers, self.bits, errors=errs,
+        "weight_norm": alloc.omega_table(params, self.layers, self.bits, errors=errs,
                                          method="weight_norm")[2]}
-    if eigen is not None:
-      top = np.array([eigen["top1"][p]["value"] for p in ctx.kernel_paths])
-      self.omega["hawq_v1"] = alloc.omega_table(ctx.params, self.layers, self.bits, errors=errs,
+    if top_eigs is not None:
+      top = np.array([top_eigs[p] for p in self.kernel_paths])
+      self.omega["hawq_v1"] = alloc.omega_table(params, self.layers, self.bits, errors=errs,
                                                 method="hawq_v1", top_eigs=top)[2]
     self.size_cost = alloc.size_cost_table(self.counts, self.bits)
-    self.fixed_bytes = alloc.fixed_size_bytes(ctx.params, self.layers, symmetric=self.symmetric)
-    self.kind = "size"
-    pin = sc.get("pin_first_last")
+    self.fixed_bytes = alloc.fixed_size_bytes(params, self.layers, symmetric=self.symmetric)
     self.pinned = {}
-    if pin:
-      if int(pin) not in self.bits:
-        raise BudgetError(f"search.pin_first_last={pin} is not among search.bit_choices "
-                          f"{self.bits}")
-      j = self.bits.index(int(pin))
+    if pin_first_last:
+      if int(pin_first_last) not in self.bits:
+        raise BudgetError(f"search.pin_first_last={pin_first_last} is not among the bit "
+                          f"choices {self.bits}")
+      j = self.bits.index(int(pin_first_last))
       self.pinned = {0: j, len(self.layers) - 1: j}
-    self.groups = self._groups(sc.get("tie", ()))
+    self.groups = self._groups(tie)
+
+  @classmethod
+  def from_context(cls, ctx: Context, traces: dict, eigen: dict | None) -> "Problem":
+    sc = ctx.cfg.search
+    avg = {k: v["avg_trace"] for k, v in traces["layers"].items()}
+    top = None if eigen is None else {k: v["value"] for k, v in eigen["top1"].items()}
+    return cls(ctx.params, ctx.kernel_paths, avg, top, bit_choices=sc.bit_choices,
+               symmetric=sc.symmetric, act_bits=sc.get("act_bits"),
+               pin_first_last=sc.get("pin_first_last"), tie=sc.get("tie", ()))
 
   def _groups(self, patterns: Sequence[Sequence[str]]):
     groups = []
@@ -78,7 +96,7 @@ class Problem:
     return float(np.sum(self.counts * np.asarray(bits, np.float64)))
 
   def size_mb(self, bits: Sequence[int]) -> float:
-    return alloc.model_size_mb(self.ctx.params, self.config(bits).to_dict(),
+    return alloc.model_size_mb(self.params, self.config(bits).to_dict(),
                                symmetric=self.symmetric)
 
   def uniform_bits(self, b: int) -> list[int]:
@@ -212,7 +230,7 @@ def search(ctx: Context, *, budget: str | None = None, methods: Sequence[str] | 
     raise BudgetError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
   traces = read_json(wd.traces)
   eigen = read_json(wd.eigenvalues) if _exists(wd.eigenvalues) else None
-  pb = Problem(ctx, traces, eigen)
+  pb = Problem.from_context(ctx, traces, eigen)
   cost, desc = pb.budget(budget)
   t0 = time.perf_counter()
   front = pb.front("hawq_v2")
@@ -286,3 +304,33 @@ def format_bits_table(layers, counts, records: dict) -> str:
       "n/a" if records[m]["omega_hawq_v2"] is None else f"{records[m]['omega_hawq_v2']:.4g}"
       for m in names) + " |")
   return "\n".join(lines)
+
+
+def auto_bits(params, avg_traces, *, budget: str = "avg:4", kernel_paths=None,
+              bit_choices=(2, 3, 4, 8), pin_first_last=None, act_bits=None, symmetric=True,
+              tie=()) -> tuple[quant.BitConfig, dict]:
+  """HAWQ-V2 bits for any params pytree, from Python: the least-Omega configuration
+  within ``budget`` on the exact frontier.
+
+  Args:
+    params: the params pytree (Linen ``variables['params']``, or NNX
+      ``nnx.to_pure_dict(state)``).
+    avg_traces: ``{kernel_path: Tr(H_l)/n_l}`` or ``hessian.layer_traces``' output.
+    budget: ``'avg:3'``, ``'0.5MB'``, ``'uniform:4'`` or ``'bits:N'``.
+    kernel_paths: layers to quantize (default: every key of ``avg_traces``, in its order).
+
+  Returns:
+    ``(BitConfig, info)`` with info's ``size_mb``, ``avg_bits``, ``omega``, ``frontier_points``.
+
+  >>> traces = hessian.layer_traces(loss_fn, params, batch, key=key)
+  >>> bits, info = auto_bits(params, traces, budget='avg:3')
+  """
+  kp = list(kernel_paths or avg_traces)
+  pb = Problem(params, kp, avg_traces, bit_choices=bit_choices, symmetric=symmetric,
+               act_bits=act_bits, pin_first_last=pin_first_last, tie=tie)
+  cost, _ = pb.budget(budget)
+  front = pb.front()
+  bits = pb.at_budget(front, cost)
+  return pb.config(bits), {"size_mb": pb.size_mb(bits), "avg_bits": alloc.average_bits(pb.counts, bits),
+                           "omega": pb.omega_of(bits), "frontier_points": len(front),
+                           "bits": dict(zip(pb.layers, bits))}

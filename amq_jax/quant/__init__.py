@@ -11,6 +11,7 @@ from amq_jax.quant._config import (BitConfig, as_bit_config, normalize_path, res
                                    uniform_config, validate)
 from amq_jax.quant._pack import (export_packed, load_packed, pack, packed_nbytes, read_header,
                                  unpack)
+from amq_jax.quant._interop import to_qwix_rules
 from amq_jax.quant._apply import (calibrate, make_quantized_apply, quantizable_layers,
                                   quantize_params, quantized_apply)
 
@@ -20,5 +21,5 @@ __all__ = [
     "BitConfig", "as_bit_config", "normalize_path", "resolve_rules", "uniform_config", "validate",
     "pack", "unpack", "packed_nbytes", "export_packed", "load_packed", "read_header",
     "quantize_params", "quantized_apply", "make_quantized_apply", "calibrate",
-    "quantizable_layers",
+    "quantizable_layers", "to_qwix_rules",
 ]
