@@ -149,23 +149,54 @@ class Problem:
     return f.bits(f.at_budget(budget).index, self.bits)
 
   # -- baselines -----------------------------------------------------------------------
-  def high_omega(self, budget: float) -> list[int]:
-    """The largest-Omega configuration among those of (about) the budget's size.
+  def high_omega(self, budget: float, *, window: float = 0.03) -> list[int]:
+    """The largest-Omega configuration whose cost lies in ``[(1 - window) B, B]``.
 
-    Exact: on the 'anti-frontier' (no configuration has both more cost and more Omega),
-    the point of largest cost within the budget; it has the largest Omega of every
-    configuration whose cost lies between its own and the budget.
+    The seed's "high perturbation" ablation: the same size as the budget, the most
+    perturbation. Exact, by dynamic programming over the (integer) weight-bit cost in units
+    of the gcd of all costs: ``best[c]`` is the largest Omega of a configuration of cost
+    exactly ``c``. Memory is one byte per layer and cost unit, so this baseline is meant for
+    models of up to a few million parameters. When no configuration reaches the window,
+    the costliest one under B is returned.
     """
-    cmax = self.size_cost.max(1, keepdims=True)
+    if self.groups:
+      raise BudgetError("the high_omega baseline does not support tied groups (search.tie)")
     w = self.omega["hawq_v2"]
-    anti = alloc.pareto_front(cmax - self.size_cost, w.max(1, keepdims=True) - w,
-                              groups=self.groups, pinned=self.pinned)
-    cost = cmax.sum() - anti.cost
-    ok = np.flatnonzero(cost <= budget * (1 + 1e-12))
-    if ok.size == 0:
+    L, B = w.shape
+    cost = np.rint(self.size_cost).astype(np.int64)
+    g = int(np.gcd.reduce(cost.ravel()))
+    units = cost // g
+    M = int(np.floor(budget * (1 + 1e-12) / g))
+    if M * L > 2e8:
+      raise BudgetError("model too large for the high_omega baseline (dynamic programming "
+                        f"over {M} cost units x {L} layers)")
+    best = np.full(M + 1, -np.inf)
+    best[0] = 0.0
+    arg = np.zeros((L, M + 1), np.int8)
+    for l in range(L):
+      new = np.full(M + 1, -np.inf)
+      for j in ([self.pinned[l]] if l in self.pinned else range(B)):
+        u = units[l, j]
+        if u > M:
+          continue
+        cand = np.full(M + 1, -np.inf)
+        cand[u:] = best[:M + 1 - u] + w[l, j]
+        better = cand > new
+        new[better] = cand[better]
+        arg[l, better] = j
+      best = new
+    feasible = np.flatnonzero(np.isfinite(best))
+    if feasible.size == 0:
       raise BudgetError("no configuration fits the budget")
-    i = ok[np.argmax(cost[ok])]
-    return anti.bits(int(i), self.bits)
+    lo = int(np.ceil((1 - window) * budget / g))
+    inside = feasible[feasible >= lo]
+    c = int(inside[np.argmax(best[inside])]) if inside.size else int(feasible[-1])
+    choice = []
+    for l in reversed(range(L)):
+      j = int(arg[l, c])
+      choice.append(j)
+      c -= int(units[l, j])
+    return [self.bits[j] for j in reversed(choice)]
 
   def random_config(self, budget: float, seed: int) -> list[int]:
     """A random configuration just within the budget: from the highest bits, lower random
