@@ -129,9 +129,13 @@ def evaluate(eval_step, variables, ds: fashion_mnist.Dataset, *, batch_size: int
 
 
 def create_state(variables, tx) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(variables["params"]))
+  """A fresh state; arrays are copied, since the train step donates its state's buffers
+  (the caller's ``variables`` stay valid)."""
+  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
+  params = copy(variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=copy(variables.get("batch_stats", {})),
+                    opt_state=tx.init(params))
 
 
 def init_variables(model: nn.Module, input_shape, *, seed: int):
