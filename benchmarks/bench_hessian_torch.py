@@ -208,21 +208,11 @@ def main(argv=None):
   print(f"torch grad {times['torch_grad']:.3f}s  HVP fresh {times['torch_hvp_fresh']:.3f}s  "
         f"reused {times['torch_hvp_reused']:.3f}s", flush=True)
 
-  # 3. Torch time-to-rtol.
-  runs: dict = {}
-  runs["torch_per_layer"] = tr.per_layer_traces(tmodel, (x, y), seed=args.seed, **stop)
-  print(f"torch per-layer loop: {runs['torch_per_layer'].seconds:.1f}s, "
-        f"{runs['torch_per_layer'].hvps} HVPs", flush=True)
-  runs["torch_joint"] = tr.joint_traces(tmodel, (x, y), seed=args.seed + 1, **stop)
-  print(f"torch joint loop: {runs['torch_joint'].seconds:.1f}s, "
-        f"{runs['torch_joint'].hvps} HVPs", flush=True)
-  if args.torch_adaptive:
-    runs["torch_joint_active"] = tr.joint_traces(tmodel, (x, y), seed=args.seed + 2,
-                                                 only_active=True, **stop)
-
-  # 4. amq-jax.
+  # 3. amq-jax gradient / HVP / compilation.
   amq: dict = {}
-  if args.no_amq or amq_hessian is None:
+  runs: dict = {}
+  jax_side = not args.no_amq and amq_hessian is not None
+  if not jax_side:
     out["amq_jax"] = ("skipped (--no-amq)" if args.no_amq
                       else f"amq_jax.hessian not importable: {_HESSIAN_IMPORT_ERROR}")
     print(f"amq-jax: {out['amq_jax']}", flush=True)
@@ -252,27 +242,58 @@ def main(argv=None):
     amq_hessian.layer_traces(loss_fn, params, batch, key=key, estimator="joint",
                              min_probes=1, max_probes=1)
     times["amq_trace_compile"] = time.perf_counter() - t0
-    for est in [e for e in args.estimators.split(",") if e]:
-      t0 = time.perf_counter()
-      r = amq_hessian.layer_traces(loss_fn, params, batch, key=jax.random.fold_in(key, 7),
-                                   estimator=est, **stop)
-      sec = time.perf_counter() - t0
-      amq[est] = (r, sec)
-      print(f"amq-jax {est}: {sec:.1f}s, max probes {max(e.probes for e in r.values())}",
-            flush=True)
 
-  # 5. Cross-check with PyHessian.
+  def amq_run(est):
+    t0 = time.perf_counter()
+    r = amq_hessian.layer_traces(loss_fn, params, batch, key=jax.random.fold_in(key, 7),
+                                 estimator=est, **stop)
+    sec = time.perf_counter() - t0
+    amq[est] = (r, sec)
+    print(f"amq-jax {est}: {sec:.1f}s, max probes {max(e.probes for e in r.values())}, "
+          f"converged {sum(e.converged for e in r.values())}/{len(r)}", flush=True)
+
+  def torch_run(name, fn, **kw):
+    t_last = [time.perf_counter()]
+
+    def progress(hvps, conv, act):  # a line every ~30 s: long runs on a busy machine
+      if time.perf_counter() - t_last[0] > 30:
+        t_last[0] = time.perf_counter()
+        print(f"  {name}: {hvps} HVPs, {conv} converged, {act} active", flush=True)
+
+    r = fn(tmodel, (x, y), progress=progress, **stop, **kw)
+    runs[name] = r
+    print(f"{name}: {r.seconds:.1f}s, {r.hvps} HVPs, converged "
+          f"{sum(e.converged for e in r.traces.values())}/{len(r.traces)}", flush=True)
+
+  # 4. Time-to-rtol. Cheap (joint) methods first, the per-layer loops last, so that a run
+  # cut short on a busy machine still has the joint figures in its log.
+  estimators = [e for e in args.estimators.split(",") if e] if jax_side else []
+  torch_run("torch_joint", tr.joint_traces, seed=args.seed + 1)
+  for est in [e for e in estimators if e != "per_layer"]:
+    amq_run(est)
+  if args.torch_adaptive:
+    torch_run("torch_joint_active", tr.joint_traces, seed=args.seed + 2, only_active=True)
   ph = run_pyhessian(tmodel, x, y, args.pyhessian_probes, args.seed + 3)
   times["pyhessian_probe"] = ph["s_per_probe"]
-  if "per_layer" in amq:
-    ref_name, ref = "amq-jax per_layer", amq["per_layer"][0]
-  else:
-    ref_name, ref = "torch per-layer loop", runs["torch_per_layer"].traces
-  tot, tot_se = _sum_trace(ref)
-  z = (ph["trace"] - tot) / math.hypot(ph["stderr"], tot_se)
-  cross = {"pyhessian": ph, "reference": ref_name, "sum_of_layers": tot,
-           "sum_of_layers_stderr": tot_se, "z": z,
-           "torch_per_layer_sum": _sum_trace(runs["torch_per_layer"].traces)}
+  print(f"PyHessian trace {ph['trace']:.4g} +- {ph['stderr']:.2g} ({ph['probes']} probes, "
+        f"{ph['s_per_probe']:.2f}s/probe)", flush=True)
+  torch_run("torch_per_layer", tr.per_layer_traces, seed=args.seed)
+  if "per_layer" in estimators:
+    amq_run("per_layer")
+
+  # 5. Cross-check with PyHessian: its whole-model trace vs the sum of per-layer traces.
+  # Per-layer probes are independent across layers, so the sum's stderr is exact for
+  # 'per_layer' and the torch loop; for joint/adaptive (one probe shared by all layers) the
+  # layers' errors are correlated and the combined stderr is only indicative.
+  sets = {f"amq-jax {e}": r for e, (r, _) in amq.items()}
+  sets.update({k.replace("_", " "): r.traces for k, r in runs.items()})
+  sums = {}
+  for name, traces in sets.items():
+    tot, tot_se = _sum_trace(traces)
+    sums[name] = {"sum": tot, "stderr": tot_se,
+                  "z": (ph["trace"] - tot) / math.hypot(ph["stderr"], tot_se)}
+  ref_name = "amq-jax per_layer" if "per_layer" in amq else "torch per layer"
+  cross = {"pyhessian": ph, "reference": ref_name, "sums": sums, "z": sums[ref_name]["z"]}
   if "per_layer" in amq:
     zs = _layer_z(amq["per_layer"][0], runs["torch_per_layer"].traces)
     cross["layer_z_amq_vs_torch"] = zs
@@ -320,8 +341,10 @@ def main(argv=None):
     if k in times:
       print(f"| {k} | {times[k]:.3f} | {times[k] / times['torch_grad']:.2f} |")
   print(f"\nPyHessian whole-model trace {ph['trace']:.4g} +- {ph['stderr']:.2g} "
-        f"({ph['probes']} probes) vs sum of {ref_name} traces {tot:.4g} +- {tot_se:.2g}: "
-        f"z = {z:+.2f}")
+        f"({ph['probes']} probes) vs sum of per-layer traces:")
+  for name, d in sums.items():
+    print(f"  {name}: {d['sum']:.4g} +- {d['stderr']:.2g}, z = {d['z']:+.2f}"
+          + ("  (reference)" if name == ref_name else ""))
   if "layer_max_abs_z" in cross:
     print(f"amq-jax per_layer vs torch per-layer loop, per layer: max |z| = "
           f"{cross['layer_max_abs_z']:.2f}, {cross['layers_abs_z_gt_3']} of {L} with |z| > 3")

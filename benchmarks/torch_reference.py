@@ -155,7 +155,7 @@ def load_flax_variables(model: nn.Module, variables) -> list[str]:
       raise ValueError(f"{collection}/{path}: shape {arr.shape} (torch layout) does not "
                        f"match torch {tuple(target.shape)}")
     with torch.no_grad():
-      target.copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+      target.copy_(torch.from_numpy(np.array(arr, np.float32, copy=True)))
     used.add(f"{collection}/{path}")
 
   ident = lambda a: a
@@ -289,7 +289,7 @@ def _gradient_graph(model: nn.Module, loss_fn: Callable, batch, weights: list):
 
 def per_layer_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callable = F.cross_entropy,
                      rtol: float = 0.05, atol: float = 0.0, min_probes: int = 10,
-                     max_probes: int = 500) -> TraceRun:
+                     max_probes: int = 500, progress: Callable | None = None) -> TraceRun:
   """Per-layer Hutchinson loop, as PyHessian/MQBench users write it.
 
   The gradient ``g = dL/dW`` is built once with ``create_graph=True`` and reused (as
@@ -303,6 +303,8 @@ def per_layer_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callabl
     seed: seed of the torch generator drawing the probes.
     loss_fn: ``(logits, labels) -> mean loss``.
     rtol, atol, min_probes, max_probes: the stopping rule (as ``amq_jax.hessian.layer_traces``).
+    progress: optional ``progress(hvps, converged_layers, active_layers)``, called once per
+      round.
 
   Returns:
     a :class:`TraceRun`.
@@ -327,6 +329,8 @@ def per_layer_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callabl
         active[i], converged[i] = False, True
       elif len(samples[i]) >= max_probes:
         active[i] = False
+    if progress is not None:
+      progress(hvps, sum(converged), sum(active))
   seconds = time.perf_counter() - t0
   traces = {p: TorchTrace.from_samples(samples[i], weights[i].numel(), converged[i])
             for i, p in enumerate(paths)}
@@ -335,7 +339,8 @@ def per_layer_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callabl
 
 def joint_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callable = F.cross_entropy,
                  rtol: float = 0.05, atol: float = 0.0, min_probes: int = 10,
-                 max_probes: int = 500, only_active: bool = False) -> TraceRun:
+                 max_probes: int = 500, only_active: bool = False,
+                 progress: Callable | None = None) -> TraceRun:
   """Joint Hutchinson loop, NNCF style: one probe over every kernel per HVP.
 
   Each HVP ``H z = torch.autograd.grad(g, W, grad_outputs=z, retain_graph=True)`` on the
@@ -345,7 +350,7 @@ def joint_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callable = 
   tol`` on the average; the rule here is amq-jax's so that times are comparable.)
 
   Args:
-    model, batch, seed, loss_fn, rtol, atol, min_probes, max_probes: as
+    model, batch, seed, loss_fn, rtol, atol, min_probes, max_probes, progress: as
       :func:`per_layer_traces`.
     only_active: probe only the layers not yet stopped (zeros elsewhere), like amq-jax's
       ``'adaptive'`` estimator: stopped layers no longer add cross-term variance.
@@ -375,6 +380,8 @@ def joint_traces(model: nn.Module, batch, *, seed: int = 0, loss_fn: Callable = 
         active[i], converged[i] = False, True
       elif len(samples[i]) >= max_probes:
         active[i] = False
+    if progress is not None:
+      progress(hvps, sum(converged), sum(active))
   seconds = time.perf_counter() - t0
   traces = {p: TorchTrace.from_samples(samples[i], weights[i].numel(), converged[i])
             for i, p in enumerate(paths)}

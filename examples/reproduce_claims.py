@@ -43,9 +43,7 @@ def main(argv=None):
   if args.epochs is not None:
     cfg.finetune.num_epochs = args.epochs
   ctx = pipeline.Context(cfg, args.workdir)
-  t0 = time.time()
   pipeline.analyze(ctx)
-  analysis_s = time.time() - t0
   trace_s = pipeline._common.read_json(ctx.wd.traces)["seconds"]
   eig = pipeline._common.read_json(ctx.wd.eigenvalues)
   t1 = time.perf_counter()
@@ -76,7 +74,8 @@ def main(argv=None):
       "b_low_vs_high_omega_pp": diff("hawq_v2", "high_omega"),
       "c_hawq_v2_vs_hawq_v1_pp": diff("hawq_v2", "hawq_v1"),
       "d_top_over_second_eigenvalue": spectra,
-      "e_search_seconds": analysis_s + search_s if analysis_s > 1 else trace_s + search_s,
+      # Analysis time as recorded when it ran (it may be cached now) + allocation time.
+      "e_search_seconds": trace_s + eig["seconds"] + search_s,
       "e_episode_seconds": epoch_s,
   }
   claims["e_search_over_episode"] = claims["e_search_seconds"] / epoch_s
