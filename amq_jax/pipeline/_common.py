@@ -84,15 +84,20 @@ class Context:
     return self._data
 
   def analysis_batches(self, num_examples: int, batch_size: int) -> list[dict]:
-    """The first ``num_examples`` training images (no augmentation), as fixed batches."""
+    """The first ``num_examples`` training examples (no augmentation), as fixed batches."""
+    from amq_jax.data import as_source
     train_ds, _ = self.data()
-    n = min(num_examples, len(train_ds.labels))
-    n -= n % batch_size
+    source = as_source(train_ds)
+    n = min(num_examples, source.num_examples) // batch_size
     if n == 0:
       raise ValueError(f"hessian.num_examples={num_examples} gives no full batch of "
                        f"{batch_size}; raise it or lower hessian.batch_size")
-    return [{"image": train_ds.images[i:i + batch_size], "label": train_ds.labels[i:i + batch_size]}
-            for i in range(0, n, batch_size)]
+    out = []
+    for b in source.eval_batches(batch_size):
+      if len(out) == n or len(b["label"]) < batch_size:
+        break
+      out.append({"image": np.asarray(b["image"]), "label": np.asarray(b["label"])})
+    return out
 
   def evaluate(self, apply_fn, variables) -> dict:
     _, test = self.data()

@@ -29,16 +29,29 @@ def input_shape(config) -> tuple[int, int, int]:
 
 
 def load_data(config: ml_collections.ConfigDict):
-  """(train, test) in memory, sliced to ``config.train_limit`` / ``config.test_limit``."""
-  if config.dataset != "fashion_mnist":
-    raise ValueError(f"in-memory training supports dataset 'fashion_mnist'; got "
-                     f"{config.dataset!r} (prepared TFDS data sets are read with "
-                     "amq_jax.data.tfds_reader)")
-  train = fashion_mnist.load("train", data_dir=config.get("data_dir"),
-                             limit=config.get("train_limit"))
-  test = fashion_mnist.load("test", data_dir=config.get("data_dir"),
-                            limit=config.get("test_limit"))
-  return train, test
+  """(train, test) data of a config.
+
+  ``config.dataset == 'fashion_mnist'``: in-memory arrays (sliced to ``train_limit`` /
+  ``test_limit``). ``'tfds:NAME'``: a prepared TFDS data set read through grain
+  (``config.data_dir``, ``config.train_split``, ``config.eval_split``,
+  ``config.image_size``, ``config.preprocess``).
+  """
+  if config.dataset == "fashion_mnist":
+    train = fashion_mnist.load("train", data_dir=config.get("data_dir"),
+                               limit=config.get("train_limit"))
+    test = fashion_mnist.load("test", data_dir=config.get("data_dir"),
+                              limit=config.get("test_limit"))
+    return train, test
+  if str(config.dataset).startswith("tfds:"):
+    from amq_jax.data import TfdsSource
+    name = config.dataset[len("tfds:"):]
+    kw = dict(data_dir=config.get("data_dir"), image_size=config.get("image_size"),
+              preprocess=config.get("preprocess", "imagenet"),
+              worker_count=config.get("worker_count", 0))
+    return (TfdsSource(name, config.get("train_split", "train"), **kw),
+            TfdsSource(name, config.get("eval_split", "validation"), **kw))
+  raise ValueError(f"unknown dataset {config.dataset!r}; use 'fashion_mnist' or "
+                   "'tfds:NAME' (a prepared TFDS data set, e.g. 'tfds:imagenet2012')")
 
 
 def save_variables(path: str, variables) -> None:

@@ -24,6 +24,7 @@ import optax
 
 from amq_jax import models
 from amq_jax.data import fashion_mnist
+from amq_jax.data._sources import as_source
 from amq_jax.train._checkpoint import Checkpointer
 from amq_jax.train._sharding import data_mesh, replicate, shard_batch
 
@@ -110,14 +111,15 @@ def make_eval_step(apply_fn: ApplyFn):
   return jax.jit(ev)
 
 
-def evaluate(eval_step, variables, ds: fashion_mnist.Dataset, *, batch_size: int, mesh) -> dict:
-  """Top-1 accuracy and mean loss over the whole dataset (last batch padded and masked)."""
+def evaluate(eval_step, variables, data, *, batch_size: int, mesh) -> dict:
+  """Top-1 accuracy and mean loss over every example of ``data`` (a Dataset or a source);
+  short batches are padded to a multiple of the device count and masked."""
   n_dev = mesh.devices.size
-  bs = -(-batch_size // n_dev) * n_dev
   totals = np.zeros(3)
-  for lo in range(0, len(ds.labels), bs):
-    img, lbl = ds.images[lo:lo + bs], ds.labels[lo:lo + bs]
+  for b in as_source(data).eval_batches(batch_size):
+    img, lbl = b["image"], b["label"]
     k = len(lbl)
+    bs = -(-k // n_dev) * n_dev
     mask = np.ones(bs, np.float32)
     if k < bs:
       mask[k:] = 0
@@ -158,10 +160,13 @@ class MetricsWriter:
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, apply_fn: ApplyFn, variables,
-        train_ds: fashion_mnist.Dataset, test_ds: fashion_mnist.Dataset | None,
+        train_ds, test_ds,
         num_epochs: float, learning_rate: float | None = None, mesh=None,
         desc: str = "train", progress: bool | None = None) -> tuple[TrainState, dict]:
   """Trains ``variables`` with ``apply_fn`` for ``num_epochs``, resuming from ``workdir``.
+
+  ``train_ds``/``test_ds``: a ``fashion_mnist.Dataset`` or a data source
+  (``amq_jax.data.InMemorySource``/``TfdsSource``); ``test_ds`` may be None.
 
   Checkpoints go to ``workdir/checkpoints`` every ``config.checkpoint_every_steps`` and at the
   end of each epoch; a restarted call continues from the last one with the identical data
@@ -176,9 +181,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, apply_fn: ApplyFn, v
     config = ml_collections.ConfigDict(config.to_dict())
     config.learning_rate = learning_rate
   bs = config.batch_size
-  steps_per_epoch = fashion_mnist.num_batches(train_ds, bs)
+  source = as_source(train_ds, augment=config.get("augment", False))
+  steps_per_epoch = source.steps_per_epoch(bs)
   if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {bs} is larger than the {len(train_ds.labels)} training examples")
+    raise ValueError(f"batch_size {bs} is larger than the {source.num_examples} training examples")
   total = max(1, int(round(num_epochs * steps_per_epoch)))
   tx = make_optimizer(config, total)
   state = replicate(create_state(variables, tx), mesh)
@@ -201,8 +207,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, apply_fn: ApplyFn, v
   step = start
   while step < total:
     epoch, offset = divmod(step, steps_per_epoch)
-    for batch in fashion_mnist.batches(train_ds, bs, seed=config.seed, epoch=epoch, start=offset,
-                                       augment_data=config.get("augment", False)):
+    for batch in source.train_batches(bs, seed=config.seed, epoch=epoch, start=offset):
       state, metrics = train_step(state, shard_batch(batch, mesh))
       pending.append(metrics)
       step += 1
