@@ -44,6 +44,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.hessian.num_examples = 1024
   c.hessian.batch_size = 128
   c.hessian.max_probes = 50
+  c.hessian.rtol = 0.05
   c.hessian.eig_layers = ()
   c.search.budget = "avg:4"
   c.finetune.num_epochs = 10

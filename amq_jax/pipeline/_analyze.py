@@ -60,10 +60,10 @@ def analyze(ctx: Context, *, force: bool = False) -> dict:
       it = tqdm(layers, desc="top eigenvalue per layer", unit="layer", dynamic_ncols=True)
     for i, path in enumerate(it):
       r = hessian.top_eigenvalues(loss_fn, params, eig_batches, key=jax.random.fold_in(key, i),
-                                  k=1, layer=path, method="power", tol=hc.eig_tol,
-                                  max_iters=hc.eig_power_iters)
+                                  k=1, layer=path, method=hc.top1_method, tol=hc.eig_tol,
+                                  max_iters=hc.top1_iters)
       top1[path] = {"value": float(r.values[0]), "iterations": int(r.iterations),
-                    "converged": bool(r.converged)}
+                    "converged": bool(r.converged), "residual": float(r.residuals[0])}
     spectra = {}
     for j, name in enumerate(hc.eig_layers):
       path = name if name.endswith("/kernel") else name + "/kernel"
@@ -73,8 +73,10 @@ def analyze(ctx: Context, *, force: bool = False) -> dict:
       n = int(np.size(ctx._kernel(path)))
       r = hessian.top_eigenvalues(loss_fn, params, eig_batches,
                                   key=jax.random.fold_in(key, 1000 + j), k=min(hc.eig_k, n),
-                                  layer=path, method="lanczos", tol=hc.eig_tol)
+                                  layer=path, method="lanczos", tol=hc.eig_tol,
+                                  max_iters=hc.spectrum_iters)
       spectra[path] = {"values": [float(v) for v in r.values], "iterations": int(r.iterations),
+                       "residuals": [float(x) for x in r.residuals],
                        "converged": bool(r.converged),
                        "top_over_second": float(r.values[0] / r.values[1]) if len(r.values) > 1 else None}
     write_json(wd.eigenvalues, {"top1": top1, "spectra": spectra,
