@@ -392,6 +392,23 @@ def test_retinanet_structure_and_packed_heads(tiny):
   with nn.intercept_methods(count):
     jax.eval_shape(packed.apply, v, x)
   assert calls and set(calls.values()) == {1}
+  # What an interceptor adds to a head conv's input on the canvas padding has no effect.
+  def perturb(next_fun, args, kwargs, ctx):
+    if ctx.method_name == "__call__" and "/".join(ctx.module.path) == "class_net/conv1":
+      args = (args[0] + 100.0,) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(perturb):
+    p_out = jax.jit(lambda v, x: packed.apply(v, x)["cls_logits"])(v, x)
+    l_out = jax.jit(lambda v, x: model.apply(v, x)["cls_logits"])(v, x)
+  np.testing.assert_allclose(p_out, l_out, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(p_out - a["cls_logits"]))) > 1e-3  # the perturbation acted
+  # The head conv computes what nn.Conv computes with the same parameters.
+  conv_p = {"params": v["params"]["class_net"]["conv0"]}
+  f = jax.random.normal(jax.random.key(2), (1, 7, 5, 32))
+  want = nn.Conv(32, (3, 3), padding=1).apply(conv_p, f)
+  got = models.retinanet._MaskedConv(32, (3, 3), padding=1).apply(conv_p, f)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_retinanet50_parameter_count_matches_torchvision():

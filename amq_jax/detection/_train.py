@@ -239,8 +239,9 @@ def _load_data(config):
                                 epoch=epoch, start=start, process_index=pi,
                                 process_count=pc, limit=limit)
     n = (min(limit, len(src)) if limit else len(src)) // config.batch_size
-    eval_data = list(_data.coco_batches(ev, config.eval_batch_size, image_size=config.image_size,
-                                        max_gt=config.max_gt, limit=config.get("eval_limit")))
+    # A generator: read once, at evaluation time (the split does not fit in memory).
+    eval_data = _data.coco_batches(ev, config.eval_batch_size, image_size=config.image_size,
+                                   max_gt=config.max_gt, limit=config.get("eval_limit"))
     return batches, n, eval_data, (config.image_size,) * 2
   raise ValueError(f"unknown detection dataset {config.dataset!r}; use 'fmnist_det' or 'coco'")
 

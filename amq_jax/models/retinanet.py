@@ -33,6 +33,9 @@ therefore be copied in), ``fpn/lateral_c{3,4,5}``, ``fpn/output_p{3,4,5}``, ``fp
 level, a zero row between levels, re-masked after every convolution, so the result is
 identical) and calls each head convolution ONCE per forward pass. Use it where a tool needs
 each module's input activation to be unique, e.g. :func:`amq_jax.hessian.activation_traces`.
+Each head conv zeroes the canvas padding of its input inside its own ``__call__``, so
+perturbations or quantization applied to that input never reach the padding. (The input
+size a tool sees is the canvas, ``sum_l (H_l + 1) x max_l W_l x F``, not the valid cells.)
 
 >>> from amq_jax import models
 >>> model = models.get_model('retinanet_tiny')                 # 96x96x1, 10 classes
@@ -45,6 +48,7 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from amq_jax.models._registry import register
@@ -90,6 +94,31 @@ def _upsample_to(x, shape_hw):
   return x[:, :shape_hw[0], :shape_hw[1]]
 
 
+class _MaskedConv(nn.Conv):
+  """``nn.Conv`` that first zeroes its input outside ``mask`` (packed head canvas).
+
+  The mask is applied INSIDE the module's ``__call__``, so whatever an interceptor does to
+  the module's input (fake-quantization, the perturbation of activation Hessians) is
+  masked too and the padding between levels stays exactly zero.
+  """
+
+  # Not ``super().__call__``: that is a second intercepted call of the same module.
+  # The same computation as nn.Conv for a stride-1 convolution with symmetric padding.
+  @nn.compact
+  def __call__(self, inputs, mask=None):
+    if mask is not None:
+      inputs = inputs * mask
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, inputs.shape[-1], self.features),
+                        self.param_dtype)
+    y = jax.lax.conv_general_dilated(inputs, kernel.astype(inputs.dtype), (1, 1),
+                                     ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return y
+
+
 class _Subnet(nn.Module):
   """``convs`` x (3x3 conv + ReLU) then a 3x3 output conv; shared over levels."""
   features: int
@@ -98,17 +127,15 @@ class _Subnet(nn.Module):
   out_bias: float = 0.0
 
   def setup(self):
-    self.layers = [nn.Conv(self.features, (3, 3), padding=1, kernel_init=_head_init,
-                           name=f"conv{k}") for k in range(self.convs)]
-    self.out = nn.Conv(self.out_features, (3, 3), padding=1, kernel_init=_head_init,
-                       bias_init=nn.initializers.constant(self.out_bias), name="out")
+    self.layers = [_MaskedConv(self.features, (3, 3), padding=1, kernel_init=_head_init,
+                               name=f"conv{k}") for k in range(self.convs)]
+    self.out = _MaskedConv(self.out_features, (3, 3), padding=1, kernel_init=_head_init,
+                           bias_init=nn.initializers.constant(self.out_bias), name="out")
 
   def __call__(self, x, mask=None):
     for conv in self.layers:
-      x = nn.relu(conv(x))
-      if mask is not None:  # packed canvas: restore the zero padding between levels
-        x = x * mask
-    return self.out(x)
+      x = nn.relu(conv(x, mask))
+    return self.out(x, mask)
 
 
 class FPN(nn.Module):
