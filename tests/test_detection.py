@@ -360,6 +360,9 @@ def test_coco_reader_on_fake_source():
   assert b[0]["boxes"].shape == (2, 3, 4) and b[0]["classes"].dtype == np.int32
   b2 = list(detection.coco_batches(src, 2, image_size=32, max_gt=3, train=True, seed=1))
   np.testing.assert_array_equal(b[1]["image"], b2[1]["image"])
+  ev = list(detection.coco_batches(src, 2, image_size=32, max_gt=3, drop_remainder=False))
+  assert [len(x["image"]) for x in ev] == [2, 2, 1]
+  np.testing.assert_array_equal(ev[2]["classes"][0], [5, -1, -1])  # example 4: crowd dropped
 
 
 # ------------------------------------------------------------------------------ model

@@ -215,7 +215,7 @@ def coco_example(example: dict, *, image_size: int = 640, max_gt: int = 100,
 def coco_batches(source, batch_size: int, *, image_size: int = 640, max_gt: int = 100,
                  train: bool = False, seed: int = 0, epoch: int = 0, start: int = 0,
                  process_index: int = 0, process_count: int = 1,
-                 limit: int | None = None) -> Iterator[dict]:
+                 limit: int | None = None, drop_remainder: bool = True) -> Iterator[dict]:
   """Batches from a random-access source of ``coco/2017``-layout examples.
 
   Args:
@@ -224,15 +224,16 @@ def coco_batches(source, batch_size: int, *, image_size: int = 640, max_gt: int 
     batch_size: examples per batch on THIS process. train: shuffle by ``(seed, epoch)``
       and flip at random. start: batches to skip. process_index, process_count: every
       process reads its own strided share. limit: use only the first ``limit`` examples.
+    drop_remainder: skip a last partial batch (keep it for evaluation).
 
   Yields:
-    ``{'image' [B, S, S, 3], 'boxes' [B, max_gt, 4], 'classes' [B, max_gt]}`` (full
-    batches only).
+    ``{'image' [B, S, S, 3], 'boxes' [B, max_gt, 4], 'classes' [B, max_gt]}``.
   """
   n = len(source) if limit is None else min(limit, len(source))
   order = (np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n))
   order = order[process_index::process_count]
-  for b, lo in enumerate(range(0, len(order) - batch_size + 1, batch_size)):
+  stop = len(order) - batch_size + 1 if drop_remainder else len(order)
+  for b, lo in enumerate(range(0, stop, batch_size)):
     if b < start:
       continue
     exs = []

@@ -241,7 +241,8 @@ def _load_data(config):
     n = (min(limit, len(src)) if limit else len(src)) // config.batch_size
     # A generator: read once, at evaluation time (the split does not fit in memory).
     eval_data = _data.coco_batches(ev, config.eval_batch_size, image_size=config.image_size,
-                                   max_gt=config.max_gt, limit=config.get("eval_limit"))
+                                   max_gt=config.max_gt, limit=config.get("eval_limit"),
+                                   drop_remainder=False)
     return batches, n, eval_data, (config.image_size,) * 2
   raise ValueError(f"unknown detection dataset {config.dataset!r}; use 'fmnist_det' or 'coco'")
 
