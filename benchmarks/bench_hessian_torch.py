@@ -31,6 +31,12 @@ every block conv's Hessian block exactly zero (those layers stop at ``min_probes
 method); with a random init the benchmark therefore sets all BatchNorm scales to 1 unless
 ``--zero-init-bn`` is given. A trained checkpoint is the representative case.
 
+Measured (2 shared, heavily loaded cores; ResNet20 at 2.1 epochs of Fashion-MNIST training,
+batch 128, rtol 0.05, min 10 / max 20 probes): no method reached 5% on every layer within
+20 probes; to the cap, torch joint loop / amq-jax joint = 3.9x (3.5x in a 40-probe run),
+torch per-layer loop / amq-jax adaptive = 33x; PyHessian's whole-model trace agreed with
+every sum of per-layer traces (|z| <= 0.32).
+
 PyHessian 0.1 runs with torch 2.13 unpatched (it imports the deprecated but present
 ``torch.autograd.Variable``); its ``trace`` stop rule ``|mean_k - mean_{k-1}| / (mean_{k-1} +
 1e-6) < tol`` is disabled with ``tol=-inf`` so that it takes exactly ``--pyhessian-probes``.
