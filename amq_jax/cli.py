@@ -86,7 +86,11 @@ def _dispatch(args, cfg) -> int:
     import os
     if not os.path.isfile(ctx.wd.traces):
       raise FileNotFoundError(f"{ctx.wd.traces} does not exist; run amq-jax analyze first")
-    pipeline.search(ctx, budget=_budget(args))
+    methods = None
+    if cfg.get("baselines") != "all" and os.path.isfile(ctx.wd.eigenvalues):
+      methods = pipeline.DEFAULT_METHODS + ("hawq_v1",)  # marked on the frontier figure
+    pipeline.search(ctx, budget=_budget(args), methods=methods)
+    print(f"wrote {ctx.wd.bits}, {ctx.wd.frontier} and {ctx.wd.path('search', 'frontier.png')}")
   elif args.command == "finetune":
     path = args.bits or ctx.wd.bits
     bits = pipeline.load_bits(ctx, path)
