@@ -74,6 +74,11 @@ def _dispatch(args, cfg) -> int:
   if getattr(args, "baselines", None):
     cfg.baselines = args.baselines
   if args.command == "run":
+    if cfg.get("task") == "detection":
+      from amq_jax.detection import run_detection
+      run_detection(cfg, args.workdir)
+      print(open(f"{pipeline.Workdir(args.workdir).root}/report.md").read())
+      return 0
     report = pipeline.run(cfg, args.workdir)
     print(open(f"{pipeline.Workdir(args.workdir).root}/report.md").read())
     return 0

@@ -7,6 +7,20 @@ Images are 96x96x1 canvases with 1-4 Fashion-MNIST items (21-42 px) each
 (``amq_jax.detection.make_detection_set``); 10 classes. Anchors start at 3 x stride
 (24 px on P3) since the objects are small.
 Variants: ``:tiny`` is a seconds-long version for tests.
+
+Mixed-precision ACTIVATIONS end to end (``amq_jax.detection.run_detection``; about 12-15
+minutes on 2 busy CPU cores: FP32 1500 steps, analysis, 2 methods x 3 seeds x 300 QAT steps):
+
+  amq-jax run --config configs/retinanet_fmnist_det.py --workdir runs/det_act
+
+Sections used by that run (``task = 'detection'`` routes ``amq-jax run`` there):
+``hessian`` (weight traces per Conv layer, activation traces of every layer's input),
+``search`` (HAWQ-V2 weight bits at a size budget; activation bits at a separate activation
+budget: ``act_budget`` is the activation memory ``sum_l elems_l * a_l``, where ``elems_l``
+is layer l's input size per example; ``'uniform:6'`` = the memory of the uniform 6-bit
+baseline, first and last layers at ``pin_first_last`` bits in every configuration;
+``'avg:6.2'`` = an average of 6.2 bits weighted by ``elems_l``; ``'bits:N'``),
+``finetune`` (QAT steps and learning rate, the same for both methods) and ``seeds``.
 """
 import ml_collections
 
@@ -44,6 +58,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                           box_loss="smooth_l1", box_weight=1.0))
   c.eval = ml_collections.ConfigDict(dict(score_threshold=0.05, pre_nms_topk=300,
                                           iou_threshold=0.5, max_detections=20))
+
+  # amq-jax run (amq_jax.detection.run_detection): activation mixed precision, end to end.
+  c.task = "detection"
+  c.seeds = (0, 1, 2)  # fine-tuning seeds (data order) of each method
+  c.hessian = ml_collections.ConfigDict(dict(
+      seed=0, num_examples=32, batch_size=32,  # weight traces: one batch of 32 train images
+      estimator="per_layer", rtol=0.15, min_probes=4, max_probes=8,
+      act_examples=32, act_probes=8,  # activation traces: per example, 8 probes each
+      calib_examples=256))  # activation ranges/errors for Omega_act (FP32 model)
+  c.search = ml_collections.ConfigDict(dict(
+      bit_choices=(2, 3, 4, 8), budget="uniform:4", pin_first_last=8, symmetric=True,
+      act_bit_choices=(4, 6, 8), act_budget="uniform:6", act_pin_first_last=8))
+  c.finetune = ml_collections.ConfigDict(dict(
+      num_steps=300, batch_size=32, learning_rate=2e-4, warmup_steps=20, weight_decay=0.0,
+      calib_examples=256, calib_method="minmax", checkpoint_every_steps=100,
+      log_every_steps=100))
+
   if variant == "tiny":
     c.train_images = 64
     c.test_images = 16
@@ -53,6 +84,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 3
     c.log_every_steps = 3
     c.eval_batch_size = 16
+    c.seeds = (0,)
+    c.hessian.update(dict(num_examples=8, batch_size=8, min_probes=2, max_probes=2,
+                          act_examples=8, act_probes=2, calib_examples=16))
+    c.finetune.update(dict(num_steps=3, batch_size=8, warmup_steps=0, calib_examples=16,
+                           checkpoint_every_steps=2, log_every_steps=3))
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of retinanet_fmnist_det; use '' or 'tiny'")
   return c

@@ -33,6 +33,8 @@ from amq_jax.detection._train import (activation_loss, anchor_config_for, anchor
                                       detection_loss_fn, detector_apply_fn, evaluate_map,
                                       make_detector_train_step, make_predict_fn, pack_targets,
                                       predict, train_detector)
+from amq_jax.detection._pipeline import (ACT_METHODS, act_search, activation_quant_errors,
+                                         activation_sizes, run_detection)
 from amq_jax.models.retinanet import RetinaNet
 
 __all__ = [
@@ -50,4 +52,5 @@ __all__ = [
     "anchor_config_for", "anchors_for", "detector_apply_fn", "make_detector_train_step",
     "make_predict_fn", "predict", "evaluate_map", "detection_loss_fn", "pack_targets",
     "activation_loss", "train_detector",
+    "run_detection", "activation_sizes", "activation_quant_errors", "act_search", "ACT_METHODS",
 ]
