@@ -3,54 +3,16 @@
   amq-jax run --config configs/squeezenext_imagenet.py --workdir runs/squeezenext --config.data_dir=DIR
 
 The batch is sharded over every local device (and every host after
-jax.distributed.initialize()). Prepare the data once, on a machine with internet:
-  tfds build imagenet2012 --data_dir DIR --file_format array_record
-(with the ImageNet tar files in DIR/downloads/manual/). No pretrained weights are shipped:
-'run' first trains the FP32 model (or put your own trained variables, a flax msgpack of
-{'params', 'batch_stats'}, at WORKDIR/fp32/variables.msgpack).
+jax.distributed.initialize()). Data preparation and weights: see configs/_imagenet.py.
 """
-import ml_collections
-
 import importlib.util
 import os
 
-_base = importlib.util.spec_from_file_location(
-    "_resnet20_fmnist", os.path.join(os.path.dirname(__file__), "resnet20_fmnist.py"))
-_mod = importlib.util.module_from_spec(_base)
-_base.loader.exec_module(_mod)
+_spec = importlib.util.spec_from_file_location(
+    "_imagenet", os.path.join(os.path.dirname(__file__), "_imagenet.py"))
+_imagenet = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_imagenet)
 
 
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = _mod.get_config()
-  c.model = "squeezenext"
-  c.model_kwargs = ml_collections.ConfigDict({"num_classes": 1000})
-  c.input_shape = (227, 227, 3)
-  c.image_size = 227
-  c.dataset = "tfds:imagenet2012"
-  c.train_split = "train"
-  c.eval_split = "validation"
-  c.preprocess = "imagenet"
-  c.worker_count = 8
-  c.pretrained = ""
-  c.augment = False              # augmentation is part of the TFDS preprocessing
-  c.batch_size = 256             # global batch; a multiple of the device count
-  c.eval_batch_size = 500
-  c.num_epochs = 90
-  c.learning_rate = 0.1 * c.batch_size / 256
-  c.weight_decay = 1e-4
-  c.warmup_steps = 5 * 5000
-  c.checkpoint_every_steps = 2000
-  c.log_every_steps = 100
-  c.hessian.num_examples = 1024
-  c.hessian.batch_size = 128
-  c.hessian.max_probes = 50
-  c.hessian.rtol = 0.05
-  c.hessian.eig_layers = ()
-  c.search.budget = "avg:4"
-  c.finetune.num_epochs = 10
-  c.finetune.learning_rate = 1e-3 * c.batch_size / 256
-  c.finetune.batch_size = c.batch_size
-  c.finetune.calib_examples = 1024
-  if variant:
-    raise ValueError(f"unknown variant {variant!r}")
-  return c
+def get_config(variant: str = ""):
+  return _imagenet.imagenet_config("squeezenext", 227, 0.1, variant)

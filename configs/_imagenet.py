@@ -1,0 +1,57 @@
+"""Shared ImageNet settings for the *_imagenet.py configs (not a config itself).
+
+Prepare the data once, on a machine with internet:
+  tfds build imagenet2012 --data_dir DIR --file_format array_record
+(with the ImageNet tar files in DIR/downloads/manual/). No pretrained weights are shipped:
+'run' first trains the FP32 model, or put your own trained variables (a flax msgpack of
+{'params', 'batch_stats'}) at WORKDIR/fp32/variables.msgpack.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default():
+  spec = importlib.util.spec_from_file_location(
+      "_resnet20_fmnist", os.path.join(os.path.dirname(__file__), "resnet20_fmnist.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def imagenet_config(model: str, image_size: int, base_lr: float, variant: str = ""):
+  """The default config's fields, set for ``model`` on ImageNet at ``image_size``."""
+  if variant:
+    raise ValueError(f"unknown variant {variant!r}")
+  c = _default()
+  c.model = model
+  c.model_kwargs = ml_collections.ConfigDict({"num_classes": 1000})
+  c.input_shape = (image_size, image_size, 3)
+  c.image_size = image_size
+  c.dataset = "tfds:imagenet2012"
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.preprocess = "imagenet"
+  c.worker_count = 8
+  c.pretrained = ""
+  c.augment = False              # augmentation is part of the TFDS preprocessing
+  c.batch_size = 256             # global batch; a multiple of the device count
+  c.eval_batch_size = 500
+  c.num_epochs = 90
+  c.learning_rate = base_lr * c.batch_size / 256
+  c.weight_decay = 1e-4
+  c.warmup_steps = 5 * 5000
+  c.checkpoint_every_steps = 2000
+  c.log_every_steps = 100
+  c.hessian.num_examples = 1024
+  c.hessian.batch_size = 128
+  c.hessian.max_probes = 50
+  c.hessian.rtol = 0.05
+  c.hessian.eig_layers = ()
+  c.search.budget = "avg:4"
+  c.finetune.num_epochs = 10
+  c.finetune.learning_rate = 1e-3 * c.batch_size / 256
+  c.finetune.batch_size = c.batch_size
+  c.finetune.calib_examples = 1024
+  return c
