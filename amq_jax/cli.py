@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 COMMANDS = {
@@ -11,7 +12,7 @@ COMMANDS = {
     "search": "exact size-vs-Omega frontier and the bit configuration at a budget",
     "finetune": "quantization-aware fine-tuning of a bit configuration, packed export",
     "run": "everything: FP32 -> analyze -> search -> finetune -> report (cached per stage)",
-    "report": "rewrite report.md/json and figures from a work directory's finished stages",
+    "report": "rewrite report.md/json and figures from the finished stages (runs nothing)",
 }
 
 
@@ -103,9 +104,9 @@ def _dispatch(args, cfg) -> int:
                          __import__("os").path.splitext(__import__("os").path.basename(path))[0])
     print(json.dumps(pipeline.finetune(ctx, bits, name), indent=2))
   elif args.command == "report":
-    from amq_jax.pipeline._run import run as _run
-    # Every stage is cached, so this only (re)writes the report for finished stages.
-    _run(cfg, args.workdir)
+    from amq_jax.pipeline._run import report
+    report(cfg, args.workdir)
+    print(open(f"{pipeline.Workdir(args.workdir).root}/report.md").read())
   return 0
 
 

@@ -61,6 +61,13 @@ def test_rerun_skips_finished_stages(run_dir):
   for p, m in before.items():
     assert os.path.getmtime(run_dir / p) == m, f"{p} was recomputed"
   assert "hawq_v2" in out.stdout
+  (run_dir / "report.md").unlink()
+  out = subprocess.run(CLI + ["report", "--config", CFG, "--workdir", str(run_dir)],
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| hawq_v2 |" in (run_dir / "report.md").read_text()
+  for p, m in before.items():
+    assert os.path.getmtime(run_dir / p) == m
 
 
 def test_exported_model_evaluates_identically(run_dir):

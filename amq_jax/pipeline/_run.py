@@ -62,9 +62,34 @@ def run(cfg, workdir: str, *, methods=None, progress=None) -> dict:
     results[name] = timer.run(f"finetune {name}", lambda b=bits, n=name: finetune(ctx, b, n),
                               done=os.path.isfile(os.path.join(ctx.wd.finetune_dir(name),
                                                                "result.json")))
+  return _write(ctx, fp32, records, results, timer.t)
+
+
+def _write(ctx: Context, fp32, records, results, timings) -> dict:
   from amq_jax.report import write_report
-  traces = read_json(ctx.wd.traces)
-  eigen = read_json(ctx.wd.eigenvalues)
-  return write_report(ctx.wd.root, config_name=cfg.get("name", cfg.model), fp32=fp32,
+  return write_report(ctx.wd.root, config_name=ctx.cfg.get("name", ctx.cfg.model), fp32=fp32,
                       frontier=read_json(ctx.wd.frontier), records=records, results=results,
-                      eigen=eigen, traces=traces, timings=dict(timer.t))
+                      eigen=read_json(ctx.wd.eigenvalues), traces=read_json(ctx.wd.traces),
+                      timings=dict(timings))
+
+
+def report(cfg, workdir: str) -> dict:
+  """Rewrites the report from the stages that have finished; runs nothing.
+
+  Raises:
+    FileNotFoundError: analysis or search has not run yet.
+  """
+  ctx = Context(cfg, workdir, train_if_missing=False, progress=False)
+  for p in (ctx.wd.traces, ctx.wd.eigenvalues, ctx.wd.frontier):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"{p} does not exist; run amq-jax run (or analyze and search)")
+  mdir = os.path.dirname(ctx.wd.method_bits("x"))
+  records = {os.path.splitext(f)[0]: read_json(os.path.join(mdir, f))
+             for f in sorted(os.listdir(mdir)) if f.endswith(".json")}
+  results = {}
+  for name in records:
+    rp = os.path.join(ctx.wd.finetune_dir(name), "result.json")
+    if os.path.isfile(rp):
+      results[name] = read_json(rp)
+  tp = os.path.join(workdir, "timings.json")
+  return _write(ctx, fp32_summary(ctx), records, results, read_json(tp) if os.path.isfile(tp) else {})
