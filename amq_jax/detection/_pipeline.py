@@ -382,8 +382,8 @@ def _analyze(run: _Run) -> dict:
                         "seconds": time.time() - t0,
                         "layers": hessian.estimates_to_json(est)})
     run.log(f"weight traces: {time.time() - t0:.1f}s")
-  apath = run.path("analyze", "act_analysis.json")
-  if not os.path.isfile(apath):
+  tpath = run.path("analyze", "act_traces.json")
+  if not os.path.isfile(tpath):
     t0 = time.time()
     ex = run.first_examples(hc.act_examples, hc.act_examples)[0]
     est = hessian.activation_traces(
@@ -391,32 +391,40 @@ def _analyze(run: _Run) -> dict:
         {"image": ex["image"], "label": pack_targets(ex["boxes"], ex["classes"])},
         key=jax.random.key(hc.seed + 1), layers=run.layers, probes=hc.act_probes,
         loss=activation_loss(anchors, **run.loss_kw), mesh=run.mesh)
-    t_traces = time.time() - t0
     elems = activation_sizes(run.model, run.variables, run.sample, run.layers)
+    _write_json(tpath, {
+        "num_examples": int(len(ex["image"])), "probes": int(hc.act_probes),
+        "seconds": time.time() - t0,
+        "layers": {l: {"trace": est[l].trace, "stderr": est[l].stderr,
+                       "canvas_elems": est[l].num_params, "elems": int(elems[l])}
+                   for l in run.layers}})
+    run.log(f"activation traces: {time.time() - t0:.1f}s")
+  # Errors depend on the bit choices and calibration settings: redone (cheap) when they change.
+  apath = run.path("analyze", "act_analysis.json")
+  act_bits = tuple(int(b) for b in sc.act_bit_choices)
+  key = {"act_bit_choices": list(act_bits), "calib_examples": int(hc.calib_examples),
+         "calib_method": run.cfg.finetune.get("calib_method", "minmax"),
+         "traces_seconds": _read_json(tpath)["seconds"]}
+  if not os.path.isfile(apath) or _read_json(apath).get("key") != key:
+    t0 = time.time()
+    tr = _read_json(tpath)["layers"]
     calib = run.first_examples(hc.calib_examples, min(hc.calib_examples, 64))
     ranges = quant.calibrate(run.model, run.variables, calib,
                              {l: {"w": 8, "a": 8} for l in run.layers},
-                             method=run.cfg.finetune.get("calib_method", "minmax"),
-                             quantize_weights=False)
-    act_bits = tuple(int(b) for b in sc.act_bit_choices)
+                             method=key["calib_method"], quantize_weights=False)
     errors = activation_quant_errors(run.model, run.variables, calib, ranges, act_bits,
                                      layers=run.layers)
-    traces = np.array([est[l].trace for l in run.layers], np.float64)
-    m = np.array([elems[l] for l in run.layers], np.float64)
+    traces = np.array([tr[l]["trace"] for l in run.layers], np.float64)
+    m = np.array([tr[l]["elems"] for l in run.layers], np.float64)
     # The Hessian is PSD at a minimum: a negative estimate (noise around zero) is clamped
     # to 0 so that it cannot reward quantization error (as for weights).
     avg = np.maximum(traces, 0.0) / m
     omega = alloc.omega_from(avg, errors)
     _write_json(apath, {
-        "layers": run.layers, "act_bit_choices": list(act_bits),
-        "num_examples": int(len(ex["image"])), "probes": int(hc.act_probes),
-        "trace_seconds": t_traces, "seconds": time.time() - t0,
-        "elems": m.astype(int).tolist(),
-        "traces": {l: {"trace": est[l].trace, "stderr": est[l].stderr,
-                       "canvas_elems": est[l].num_params, "elems": int(elems[l]),
-                       "avg_trace": float(a)} for l, a in zip(run.layers, avg)},
+        "key": key, "layers": run.layers, "act_bit_choices": list(act_bits),
+        "seconds": time.time() - t0, "elems": m.astype(int).tolist(),
+        "traces": {l: dict(tr[l], avg_trace=float(a)) for l, a in zip(run.layers, avg)},
         "ranges": ranges, "errors": errors.tolist(), "omega": omega.tolist()})
-    run.log(f"activation analysis: {time.time() - t0:.1f}s")
   return {"weights": _read_json(wpath), "acts": _read_json(apath)}
 
 
@@ -676,7 +684,7 @@ def run_detection(cfg: ml_collections.ConfigDict, workdir: str, *, mesh=None,
   _, fp32 = timer.run("fp32", run.fp32, done=fp32_done)
   analysis = timer.run("analyze", lambda: _analyze(run),
                        done=all(os.path.isfile(run.path("analyze", f)) for f in
-                                ("weight_traces.json", "act_analysis.json")))
+                                ("weight_traces.json", "act_traces.json")))
   search = timer.run("search", lambda: _search(run, analysis), done=False)
   seeds = [int(s) for s in cfg.get("seeds", (0,))]
   ft_cfg = _ft_config(run)
