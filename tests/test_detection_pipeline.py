@@ -126,3 +126,8 @@ def test_tiny_detection_run_end_to_end(tmp_path):
   assert rep2["methods"]["hawq_v2"]["mAP"] == rep["methods"]["hawq_v2"]["mAP"]
   same = lambda t: {k: v for k, v in t.items() if k != "search"}  # noqa: E731 (re-run, cheap)
   assert same(rep2["timings"]) == same(rep["timings"])
+  # A fine-tune whose result is lost resumes from its last Orbax checkpoint (the final
+  # step): no training step runs and the evaluation gives the same mAP.
+  os.remove(os.path.join(wd, "finetune", "uniform", "seed0", "result.json"))
+  rep3 = detection.run_detection(cfg, wd, log=None, mesh=mesh)
+  assert rep3["methods"]["uniform"]["mAP"] == rep["methods"]["uniform"]["mAP"]
