@@ -123,6 +123,9 @@ def main(argv=None):
   ap.add_argument("--time-cap", type=float, default=None,
                   help="seconds per estimator run (default 900, quick 120)")
   ap.add_argument("--estimators", default="joint,per_layer,adaptive")
+  ap.add_argument("--variables", default=None,
+                  help="'shipped' (the trained ResNet20 of the package) or a flax msgpack of "
+                       "{'params', 'batch_stats'}; default: init + a few SGD steps")
   args = ap.parse_args(argv)
   quick = args.quick
   reps = 3 if quick else 7
@@ -131,7 +134,14 @@ def main(argv=None):
 
   batch, source = _data(args.batch_size)
   model = models.get_model(args.model, num_classes=10)
-  variables = _prepare(model, batch, train_steps)
+  if args.variables:
+    from amq_jax import train
+    path = (train.shipped_checkpoint("resnet20_fmnist") if args.variables == "shipped"
+            else args.variables)
+    variables = jax.tree.map(jnp.asarray, train.restore_variables(path))
+    train_steps = 0
+  else:
+    variables = _prepare(model, batch, train_steps)
   params = variables["params"]
   loss_fn = hessian.linen_loss_fn(model, variables)
   wrt = _paths.quantizable_paths(params)
@@ -141,7 +151,8 @@ def main(argv=None):
             "machine": platform.machine(), "cpus": os.cpu_count(), "quick": quick,
             "layers": len(wrt), "num_params": int(sum(np.prod(v.shape) for v in
                                                       _paths.select(params, wrt).values())),
-            "train_steps": train_steps, "rtol": args.rtol}
+            "train_steps": train_steps, "rtol": args.rtol,
+            "variables": args.variables or "init + SGD steps"}
 
   # 1. HVP vs gradient over the same kernels, same placement.
   hvp = hessian.make_hvp(loss_fn, params, batch, mesh=mesh)
