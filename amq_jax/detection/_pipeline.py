@@ -638,6 +638,10 @@ def _report(run: _Run, fp32: dict, analysis: dict, search: dict, results: dict,
     lines.append(f"| {name} | {r['act_avg_bits']:.3f} | {r['act_memory_bits']:.0f} | "
                  f"{r['omega_act']:.4g} | {r['weight_size_mb']:.4f} | "
                  f"{r['ptq_mAP']:.4f} | {pm(r['mAP'])} | {pm(r['mAP50'])} |")
+  if len(methods) == 2 and len({json.dumps(r["act_bits"]) for r in methods.values()}) == 1:
+    lines += ["", "HAWQ-V2 chose the uniform activation widths: they are the least-Omega "
+              "configuration at this budget (with these bit choices, no trade between layers "
+              "lowers the total Omega_act), so both rows are the same fine-tunes."]
   lines += ["", "## Bits per layer", "",
             "| layer | params | w bits | Tr(H_w)/n | input elems | Tr(H_a)/m | "
             + " | ".join(f"a bits {n}" for n in methods) + " |",
