@@ -9,7 +9,8 @@ way with ``--seeds`` fine-tuning seeds (data order), reporting mean and standard
 
   (a) trace-weighted Omega (HAWQ-V2) vs ||Q(W)-W||^2 alone, at equal size;
   (b) the least vs the largest total perturbation Omega at the budget's size;
-  (c) automatic selection (HAWQ-V2) vs the HAWQ-V1 ranking (top eigenvalue / n);
+  (c) automatic selection (HAWQ-V2) vs the HAWQ-V1 ranking (top eigenvalue / n), both
+      allocated on the exact frontier (identical configurations share their runs);
   (d) top-20 eigenvalues of a few layers: is the top one an outlier (top / second)?
   (e) search time (analysis + allocation) vs one HAQ-style episode (one fine-tuning epoch).
 
@@ -27,7 +28,7 @@ import numpy as np
 from amq_jax import pipeline
 from amq_jax.config import load_config
 
-METHODS = ("hawq_v2", "weight_norm", "high_omega", "hawq_v1", "uniform")
+METHODS = ("hawq_v2", "weight_norm", "high_omega", "hawq_v1")
 
 
 def main(argv=None):
@@ -50,10 +51,24 @@ def main(argv=None):
   records = pipeline.search(ctx, methods=METHODS, verbose=True)
   search_s = time.perf_counter() - t1
   results: dict[str, list[dict]] = {m: [] for m in records}
+  # A method whose configuration equals an earlier one's shares its fine-tuning runs
+  # (same bits and seed give the same run); the table says so.
+  same_as = {}
+  for m in records:
+    for prev in records:
+      if prev == m:
+        break
+      if records[prev]["bits"] == records[m]["bits"]:
+        same_as[m] = prev
+        break
   for seed in range(args.seeds):
     for m in records:
+      if m in same_as:
+        continue
       bits = pipeline.load_bits(ctx, ctx.wd.method_bits(m))
       results[m].append(pipeline.finetune(ctx, bits, f"{m}_seed{seed}", seed=seed))
+  for m, prev in same_as.items():
+    results[m] = results[prev]
   rows = {}
   for m, rs in results.items():
     acc = np.array([r["test_accuracy"] for r in rs])
@@ -61,7 +76,7 @@ def main(argv=None):
                "omega": records[m]["omega_hawq_v2"], "mean": float(acc.mean()),
                "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                "ptq_mean": float(np.mean([r["ptq_accuracy"] for r in rs])),
-               "accuracies": acc.tolist()}
+               "accuracies": acc.tolist(), "same_configuration_as": same_as.get(m)}
   # One HAQ episode = one fine-tuning epoch; time it from the HAWQ-V2 runs (seconds per epoch).
   epoch_s = float(np.mean([r["seconds"] / r["epochs"] for r in results["hawq_v2"]]))
   spectra = {k: v["top_over_second"] for k, v in eig["spectra"].items()}
@@ -86,7 +101,8 @@ def main(argv=None):
            "|---|---|---|---|---|---|"]
   for m, r in rows.items():
     om = "-" if r["omega"] is None else f"{r['omega']:.4g}"
-    lines.append(f"| {m} | {r['size_mb']:.4f} | {r['avg_bits']:.3f} | {om} | "
+    note = f" (= {r['same_configuration_as']})" if r["same_configuration_as"] else ""
+    lines.append(f"| {m}{note} | {r['size_mb']:.4f} | {r['avg_bits']:.3f} | {om} | "
                  f"{100 * r['ptq_mean']:.2f} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} |")
   print("\n".join(lines))
   print(json.dumps(claims, indent=2))
