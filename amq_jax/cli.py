@@ -68,6 +68,17 @@ def _budget(args):
 
 def _dispatch(args, cfg) -> int:
   if args.command == "train":
+    if cfg.get("task") == "detection" or cfg.get("dataset") in ("coco", "fmnist_det"):
+      import jax
+      from amq_jax.detection import train_detector
+      from amq_jax.train import save_variables, write_json
+      out = os.path.join(args.workdir, "fp32")
+      state, result = train_detector(cfg, out)
+      # The files the detection run looks for, so 'run' continues from this model.
+      save_variables(os.path.join(out, "variables.msgpack"), jax.device_get(state.variables))
+      write_json(os.path.join(out, "result.json"), result)
+      print(json.dumps(result, indent=2, default=float))
+      return 0
     from amq_jax.train import train_fp32
     print(json.dumps(train_fp32(cfg, args.workdir), indent=2))
     return 0
@@ -89,7 +100,6 @@ def _dispatch(args, cfg) -> int:
     for p, e in out["traces"]["layers"].items():
       print(f"{p:45s} Tr(H) = {e['trace']:10.4g} +- {e['stderr']:.2g}  ({e['probes']} probes)")
   elif args.command == "search":
-    import os
     if not os.path.isfile(ctx.wd.traces):
       raise FileNotFoundError(f"{ctx.wd.traces} does not exist; run amq-jax analyze first")
     methods = None

@@ -1,7 +1,7 @@
 """RetinaNet-ResNet50-FPN on COCO 2017 (the HAWQ-V2 detection setting), 640x640 inputs.
 
-  python -c "from amq_jax import detection; import configs.retinanet_coco as c; \
-             detection.train_detector(c.get_config(), 'runs/retinanet_coco')"
+  amq-jax train --config configs/retinanet_coco.py --workdir runs/retinanet_coco \
+      --config.data_dir=DIR
 
 Needs ``coco/2017`` prepared by TFDS in ``data_dir`` (``tfds build coco/2017
 --data_dir=... --file_format=array_record`` on a machine with internet access) and

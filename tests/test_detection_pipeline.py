@@ -131,3 +131,16 @@ def test_tiny_detection_run_end_to_end(tmp_path):
   os.remove(os.path.join(wd, "finetune", "uniform", "seed0", "result.json"))
   rep3 = detection.run_detection(cfg, wd, log=None, mesh=mesh)
   assert rep3["methods"]["uniform"]["mAP"] == rep["methods"]["uniform"]["mAP"]
+
+
+def test_cli_train_routes_detection_configs(tmp_path):
+  """`amq-jax train` on a detection config trains the detector and leaves the files the
+  detection run continues from."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-m", "amq_jax.cli", "train", "--config",
+                        "configs/retinanet_fmnist_det.py:tiny", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "fp32" / "variables.msgpack").is_file()
+  assert "test_mAP" in out.stdout or "mAP" in out.stdout
