@@ -50,13 +50,10 @@ def anchors_for(model: nn.Module, image_hw, *, anchor_scale: float = 4.0) -> np.
 
 
 def detector_apply_fn(model: nn.Module) -> ApplyFn:
-  """``apply_fn(variables, images, train) -> (outputs, new_batch_stats)`` of a Linen detector."""
-  def apply_fn(variables, images, train):
-    if train and "batch_stats" in variables:
-      out, upd = model.apply(variables, images, train=True, mutable=["batch_stats"])
-      return out, upd["batch_stats"]
-    return model.apply(variables, images, train=train), None
-  return apply_fn
+  """``apply_fn(variables, images, train) -> (outputs, new_batch_stats)`` of a Linen detector
+  (the classification loop's own: the outputs are a dict here instead of logits)."""
+  from amq_jax.train import linen_apply_fn
+  return linen_apply_fn(model)
 
 
 def make_detector_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, anchors,
