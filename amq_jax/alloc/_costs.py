@@ -16,7 +16,7 @@ the model abstractly (``jax.eval_shape``) to read layer shapes and imports Flax 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 

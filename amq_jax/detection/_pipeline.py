@@ -51,11 +51,10 @@ experiment on a RetinaNet:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,7 +66,7 @@ import optax
 from amq_jax import alloc, hessian, models, quant, train
 from amq_jax.detection import _data
 from amq_jax.detection._coco_eval import coco_evaluate
-from amq_jax.detection._train import (_build, _load_data, _loss_kwargs, _post_kwargs,
+from amq_jax.detection._train import (_build, _loss_kwargs, _post_kwargs,
                                       activation_loss, anchors_for, detection_loss_fn,
                                       make_detector_train_step, make_predict_fn, pack_targets,
                                       predict, train_detector)

@@ -23,7 +23,7 @@ the kernel path without ``/kernel``) is selected; the model is unchanged. The He
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

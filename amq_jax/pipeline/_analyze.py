@@ -5,7 +5,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from amq_jax import hessian
 from amq_jax.pipeline._common import Context, read_json, write_json
@@ -70,7 +69,7 @@ def analyze(ctx: Context, *, force: bool = False) -> dict:
       if path not in layers:
         raise KeyError(f"hessian.eig_layers names {name!r}, not a quantizable layer; "
                        f"valid layers: {[p[:-7] for p in layers]}")
-      n = int(np.size(ctx._kernel(path)))
+      n = ctx.param_counts[layers.index(path)]
       r = hessian.top_eigenvalues(loss_fn, params, eig_batches,
                                   key=jax.random.fold_in(key, 1000 + j), k=min(hc.eig_k, n),
                                   layer=path, method="lanczos", tol=hc.eig_tol,

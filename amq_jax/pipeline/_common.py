@@ -5,13 +5,11 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from amq_jax import models, train
-from amq_jax.data import fashion_mnist
+from amq_jax import _paths, models, train
 
 
 class Workdir:
@@ -36,7 +34,7 @@ class Workdir:
     return self.path("search", "methods", f"{method}.json")
 
   def finetune_dir(self, method: str) -> str:
-    return self.path("finetune", method, "x")[:-2]
+    return self.path("finetune", method, mkdir=False)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -69,14 +67,8 @@ class Context:
     self.kernel_paths = models.layer_order(self.model, self.variables, sample)
     self.layers = [p.rsplit("/", 1)[0] for p in self.kernel_paths]
     self.params = self.variables["params"]
-    self.param_counts = [int(np.size(train_param)) for train_param in
-                         (self._kernel(p) for p in self.kernel_paths)]
-
-  def _kernel(self, kernel_path: str):
-    node = self.params
-    for part in kernel_path.split("/"):
-      node = node[part]
-    return node
+    self.param_counts = [int(np.size(k)) for k in
+                         _paths.select(self.params, self.kernel_paths).values()]
 
   def data(self):
     if not hasattr(self, "_data"):

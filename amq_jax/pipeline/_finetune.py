@@ -13,7 +13,6 @@ import time
 import flax.serialization
 import jax
 import ml_collections
-import numpy as np
 
 from amq_jax import alloc, quant, train
 from amq_jax.pipeline._common import Context, read_json, write_json

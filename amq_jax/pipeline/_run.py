@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 import time
 
-import jax
-import numpy as np
 
 from amq_jax import alloc, train
 from amq_jax.pipeline._analyze import analyze

@@ -5,6 +5,7 @@ highest-Omega configuration of the budget's size, random configurations).
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Sequence
@@ -260,7 +261,7 @@ def search(ctx: Context, *, budget: str | None = None, methods: Sequence[str] | 
   if unknown:
     raise BudgetError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
   traces = read_json(wd.traces)
-  eigen = read_json(wd.eigenvalues) if _exists(wd.eigenvalues) else None
+  eigen = read_json(wd.eigenvalues) if os.path.isfile(wd.eigenvalues) else None
   pb = Problem.from_context(ctx, traces, eigen)
   cost, desc = pb.budget(budget)
   t0 = time.perf_counter()
@@ -294,9 +295,7 @@ def search(ctx: Context, *, budget: str | None = None, methods: Sequence[str] | 
            "omega_hawq_v1": pb.omega_of(bits, "hawq_v1"), "config": cfg.to_dict()}
     write_json(wd.method_bits(name), rec)
     records[name] = rec
-  pb.config(chosen["hawq_v2"]).save(wd.bits + ".tmp")
-  import os
-  os.replace(wd.bits + ".tmp", wd.bits)
+  write_json(wd.bits, pb.config(chosen["hawq_v2"]).to_dict())
   uniform_pts = {str(b): {"size_mb": pb.size_mb(pb.uniform_bits(b)),
                           "omega": pb.omega_of(pb.uniform_bits(b))}
                  for b in pb.bits}
@@ -316,11 +315,6 @@ def search(ctx: Context, *, budget: str | None = None, methods: Sequence[str] | 
   from amq_jax.report import plot_frontier
   plot_frontier(read_json(wd.frontier), wd.path("search", "frontier.png"))
   return records
-
-
-def _exists(p):
-  import os
-  return os.path.isfile(p)
 
 
 def format_bits_table(layers, counts, records: dict) -> str:

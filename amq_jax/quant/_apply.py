@@ -16,7 +16,7 @@ Activation ranges are a plain JSON-able dict ``{layer_path: [lo, hi]}`` (floats)
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax

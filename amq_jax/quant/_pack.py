@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np

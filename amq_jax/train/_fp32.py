@@ -18,9 +18,8 @@ VARIABLES_FILE = "variables.msgpack"
 
 
 def build_model(config: ml_collections.ConfigDict):
-  return models.get_model(config.model, **config.get("model_kwargs", {}).to_dict()
-                          if hasattr(config.get("model_kwargs", {}), "to_dict")
-                          else dict(config.get("model_kwargs", {})))
+  kwargs = config.get("model_kwargs") or {}
+  return models.get_model(config.model, **dict(kwargs))
 
 
 def input_shape(config) -> tuple[int, int, int]:

@@ -9,10 +9,9 @@ so QAT passes an apply that fake-quantizes and FP32 passes the model's own.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -22,8 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from amq_jax import models
-from amq_jax.data import fashion_mnist
 from amq_jax.data._sources import as_source
 from amq_jax.train._checkpoint import Checkpointer
 from amq_jax.train._sharding import data_mesh, replicate, shard_batch
