@@ -26,6 +26,8 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from amq_jax.errors import BudgetError
+
 __all__ = ["Frontier", "FrontierPoint", "pareto_front", "monotone_front", "pareto_filter"]
 
 
@@ -152,6 +154,17 @@ def _units(costs, omegas, groups, pinned):
   return units
 
 
+def _columns_of_pins(pinned_bits, bit_choices) -> dict[int, int]:
+  """``{layer: bits}`` -> ``{layer: column}`` given the columns' widths."""
+  if bit_choices is None:
+    raise ValueError("pinned_bits needs bit_choices (the width of each column)")
+  bits = [int(b) for b in bit_choices]
+  bad = {l: b for l, b in pinned_bits.items() if b not in bits}
+  if bad:
+    raise BudgetError(f"pinned widths {bad} are not among the bit choices {tuple(bits)}")
+  return {int(l): bits.index(int(b)) for l, b in pinned_bits.items()}
+
+
 def _check_tables(costs, omegas):
   costs = np.asarray(costs, np.float64)
   omegas = np.asarray(omegas, np.float64)
@@ -163,7 +176,8 @@ def _check_tables(costs, omegas):
 
 def pareto_front(costs, omegas, *, groups: Sequence[Sequence[int]] | None = None,
                  pinned: Mapping[int, int] | None = None, bucket: float | None = None,
-                 order: str = "spread") -> Frontier:
+                 order: str = "spread", bit_choices: Sequence[int] | None = None,
+                 pinned_bits: Mapping[int, int] | None = None) -> Frontier:
   """Every non-dominated (cost, omega) configuration of per-layer choices, exactly.
 
   Args:
@@ -183,6 +197,8 @@ def pareto_front(costs, omegas, *, groups: Sequence[Sequence[int]] | None = None
     order: merge order of units: 'spread' (decreasing max - min cost; fast) or 'given'.
       The result does not depend on it (up to which of several configurations with the
       same (cost, omega) is reported).
+    bit_choices, pinned_bits: pins given as WIDTHS, ``{layer: bits}``, with the widths of
+      the columns (``bit_choices``); merged with ``pinned``.
 
   Returns:
     A :class:`Frontier` (costs ascending; ``choices[:, l]`` indexes the columns).
@@ -193,6 +209,8 @@ def pareto_front(costs, omegas, *, groups: Sequence[Sequence[int]] | None = None
   """
   costs, omegas = _check_tables(costs, omegas)
   L, _ = costs.shape
+  if pinned_bits:
+    pinned = {**(pinned or {}), **_columns_of_pins(pinned_bits, bit_choices)}
   units = _units(costs, omegas, groups, pinned)
   if order == "spread":
     # Largest cost spread first: the coarse layers fix the frontier's shape early and the
