@@ -90,7 +90,7 @@ def high_omega(problem: Problem, budget, *, method: str = "hawq_v2",
                       "this large")
   best = np.full(M + 1, -np.inf)
   best[0] = 0.0
-  arg = np.zeros((len(units), M + 1), np.int16)
+  arg = np.zeros((len(units), M + 1), np.int8)  # <= 16 options per unit
   for u in range(len(units)):
     new = np.full(M + 1, -np.inf)
     for k, (s, om) in enumerate(zip(steps[u], uw[u])):
