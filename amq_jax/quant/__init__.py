@@ -7,11 +7,11 @@
 """
 from amq_jax.quant._math import (MAX_BITS, MIN_BITS, QTensor, dequantize, fake_quant,
                                  fake_quant_act, quant_error, quantize)
-from amq_jax.quant._config import (BitConfig, as_bit_config, normalize_path, resolve_rules,
-                                   uniform_config, validate)
+from amq_jax.quant._config import (BitConfig, as_bit_config, load_bits_file, normalize_path,
+                                   parse_bits, resolve_rules, uniform_config, validate)
 from amq_jax.quant._pack import (export_packed, load_packed, pack, packed_nbytes, read_header,
                                  unpack)
-from amq_jax.quant._interop import to_qwix_rules
+from amq_jax.quant._interop import qwix_layer_kinds, qwix_unsupported, to_qwix_rules
 from amq_jax.quant._apply import (calibrate, make_quantized_apply, quantizable_layers,
                                   quantize_params, quantized_apply)
 
@@ -19,7 +19,8 @@ __all__ = [
     "QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_act", "quant_error",
     "MIN_BITS", "MAX_BITS",
     "BitConfig", "as_bit_config", "normalize_path", "resolve_rules", "uniform_config", "validate",
+    "load_bits_file", "parse_bits",
     "pack", "unpack", "packed_nbytes", "export_packed", "load_packed", "read_header",
     "quantize_params", "quantized_apply", "make_quantized_apply", "calibrate",
-    "quantizable_layers", "to_qwix_rules",
+    "quantizable_layers", "to_qwix_rules", "qwix_layer_kinds", "qwix_unsupported",
 ]

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from amq_jax import _paths
+from amq_jax.errors import StateError
 from amq_jax.quant._config import BitConfig, as_bit_config
 from amq_jax.quant._math import check_bits, quantize_jit
 
@@ -147,14 +148,36 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, symmetric: bool 
   return {"file_bytes": head + offset, "header_bytes": head, "payload_bytes": offset}
 
 
+def _damaged(path, why: str) -> StateError:
+  return StateError(f"{os.fspath(path)} is damaged or not an amq-jax packed model ({why}); "
+                    "delete it and re-run amq-jax finetune to export it again")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-  """The JSON header of an ``.amq`` file and the byte offset where its payload starts."""
+  """The JSON header of an ``.amq`` file and the byte offset where its payload starts.
+
+  Raises:
+    StateError: the file is not an ``.amq`` file or its header is damaged (names the file).
+  """
   with open(path, "rb") as f:
     magic = f.read(len(MAGIC))
     if magic != MAGIC:
-      raise ValueError(f"{path}: not an amq-jax packed file (magic {magic!r})")
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n).decode())
+      raise _damaged(path, f"magic {magic!r}, expected {MAGIC!r}")
+    size = os.fstat(f.fileno()).st_size
+    raw_n = f.read(8)
+    if len(raw_n) != 8:
+      raise _damaged(path, "the file ends inside the header length")
+    (n,) = struct.unpack("<Q", raw_n)
+    if n > size - len(MAGIC) - 8:
+      raise _damaged(path, f"the header length {n} runs past the end of the file ({size} bytes)")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise _damaged(path, f"the header is not valid JSON: {e}") from None
+  if (not isinstance(header, dict) or not isinstance(header.get("entries"), list)
+      or not isinstance(header.get("payload_bytes"), int)):
+    raise _damaged(path, "the header lacks 'entries' or 'payload_bytes'")
   return header, len(MAGIC) + 8 + n
 
 
@@ -168,25 +191,28 @@ def load_packed(path: str | os.PathLike, *, return_config: bool = False):
     f.seek(start)
     payload = f.read()
   if len(payload) != header["payload_bytes"]:
-    raise ValueError(f"{path}: payload is {len(payload)} bytes, header says "
-                     f"{header['payload_bytes']}")
+    raise _damaged(path, f"the payload is {len(payload)} bytes, the header says "
+                   f"{header['payload_bytes']}")
 
   def get(span, dtype=np.float32):
     return np.frombuffer(payload[span[0]:span[0] + span[1]], dtype)
 
   flat, bits = {}, {}
-  for e in header["entries"]:
-    shape = tuple(e["shape"])
-    if e["kind"] == "quant":
-      n, b = int(np.prod(shape)), e["bits"]
-      q = unpack(get(e["levels"], np.uint8), b, n, e["signed"]).reshape(shape)
-      if e["symmetric"] and b == 1:
-        q = 2 * q - 1
-      scale = get(e["scale"])
-      zp = get(e["zero_point"]) if "zero_point" in e else np.zeros_like(scale)
-      flat[e["path"]] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
-      bits[_paths.layer_of(e["path"])] = {"w": b, "a": None}
-    else:
-      flat[e["path"]] = get(e["data"]).reshape(shape).copy()
+  for i, e in enumerate(header["entries"]):
+    try:
+      shape = tuple(e["shape"])
+      if e["kind"] == "quant":
+        n, b = int(np.prod(shape)), e["bits"]
+        q = unpack(get(e["levels"], np.uint8), b, n, e["signed"]).reshape(shape)
+        if e["symmetric"] and b == 1:
+          q = 2 * q - 1
+        scale = get(e["scale"])
+        zp = get(e["zero_point"]) if "zero_point" in e else np.zeros_like(scale)
+        flat[e["path"]] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+        bits[_paths.layer_of(e["path"])] = {"w": b, "a": None}
+      else:
+        flat[e["path"]] = get(e["data"]).reshape(shape).copy()
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+      raise _damaged(path, f"header entry {i} is malformed ({type(err).__name__}: {err})") from None
   params = _paths.unflatten(flat)
   return (params, BitConfig(bits)) if return_config else params
