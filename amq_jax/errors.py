@@ -14,11 +14,16 @@ shows tracebacks for these too).
     |- LayerError        a model whose layers cannot be described or quantized as asked
     |- WorkdirError      a work directory that is locked, not writable, or a path outside it
     |- NonFiniteError    a loss or estimate that became NaN/Inf (names the step / layer)
+
+Warnings (``warnings.warn``; the command line prints each as one line, ``--strict`` turns
+them into errors with exit status 2):
+
+    NearChanceWarning    the FP32 model scores near chance: quantizing it measures nothing
 """
 from __future__ import annotations
 
 __all__ = ["AmqError", "ConfigError", "BudgetError", "BitsError", "DataError", "StateError",
-           "LayerError", "WorkdirError", "NonFiniteError"]
+           "LayerError", "WorkdirError", "NonFiniteError", "NearChanceWarning"]
 
 
 class AmqError(Exception):
@@ -55,3 +60,7 @@ class WorkdirError(AmqError, RuntimeError):
 
 class NonFiniteError(AmqError, FloatingPointError):
   """A loss, a gradient or an estimate became NaN or Inf."""
+
+
+class NearChanceWarning(UserWarning):
+  """The FP32 model's accuracy is near chance (an error under ``amq-jax --strict``)."""
