@@ -22,7 +22,7 @@ them into errors with exit status 2):
 """
 from __future__ import annotations
 
-__all__ = ["AmqError", "ConfigError", "BudgetError", "BitsError", "DataError", "StateError",
+__all__ = ["AmqError", "ConfigError", "BudgetError", "BitsError", "DataError", "StateError", "NearChanceWarning",
            "LayerError", "WorkdirError", "NonFiniteError", "NearChanceWarning"]
 
 
@@ -64,3 +64,7 @@ class NonFiniteError(AmqError, FloatingPointError):
 
 class NearChanceWarning(UserWarning):
   """The FP32 model's accuracy is near chance (an error under ``amq-jax --strict``)."""
+
+
+class NearChanceWarning(UserWarning):
+  """The float model scores near chance; quantizing it measures nothing useful."""
