@@ -22,7 +22,7 @@ them into errors with exit status 2):
 """
 from __future__ import annotations
 
-__all__ = ["AmqError", "ConfigError", "BudgetError", "BitsError", "DataError", "StateError", "NearChanceWarning",
+__all__ = ["AmqError", "ConfigError", "BudgetError", "BitsError", "DataError", "StateError",
            "LayerError", "WorkdirError", "NonFiniteError", "NearChanceWarning"]
 
 
