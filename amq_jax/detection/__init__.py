@@ -24,17 +24,19 @@ from amq_jax.detection._anchors import (BACKGROUND, IGNORE, AnchorConfig, assign
 from amq_jax.detection._boxes import (BOX_WEIGHTS, box_area, clip_boxes, decode_boxes,
                                       encode_boxes, iou_matrix, yxyx_to_xywh)
 from amq_jax.detection._coco_eval import COCO_METRICS, coco_evaluate
-from amq_jax.detection._data import (MAX_GT, DetectionSet, coco_batches, coco_example,
-                                     detection_batches, make_detection_set, open_coco)
+from amq_jax.detection._data import (MAX_GT, CocoSource, DetectionSet, DetectionSource,
+                                     coco_batches, coco_example, detection_batches,
+                                     make_detection_set, open_coco)
 from amq_jax.detection._losses import (detection_loss, giou_loss, per_example_detection_loss,
                                        sigmoid_focal_loss, smooth_l1)
 from amq_jax.detection._nms import batched_postprocess, nms, postprocess
 from amq_jax.detection._train import (activation_loss, anchor_config_for, anchors_for,
-                                      detection_loss_fn, detector_apply_fn, evaluate_map,
-                                      make_detector_train_step, make_predict_fn, pack_targets,
-                                      predict, train_detector)
-from amq_jax.detection._pipeline import (ACT_METHODS, act_search, activation_quant_errors,
-                                         activation_sizes, run_detection)
+                                      build_detector, detection_loss_fn, detection_sources,
+                                      detection_train_loss, detector_apply_fn, evaluate_map,
+                                      init_detector, loss_kwargs, make_detector_train_step,
+                                      make_predict_fn, pack_targets, post_kwargs, predict,
+                                      train_detector)
+from amq_jax.detection._task import DetectionSource, detection_input_shape, detection_task
 from amq_jax.models.retinanet import RetinaNet
 
 __all__ = [
@@ -48,9 +50,10 @@ __all__ = [
     "nms", "postprocess", "batched_postprocess",
     "coco_evaluate", "COCO_METRICS",
     "DetectionSet", "make_detection_set", "detection_batches", "coco_example", "coco_batches",
-    "open_coco", "MAX_GT",
+    "open_coco", "MAX_GT", "DetectionSource", "CocoSource",
     "anchor_config_for", "anchors_for", "detector_apply_fn", "make_detector_train_step",
     "make_predict_fn", "predict", "evaluate_map", "detection_loss_fn", "pack_targets",
-    "activation_loss", "train_detector",
-    "run_detection", "activation_sizes", "activation_quant_errors", "act_search", "ACT_METHODS",
+    "activation_loss", "train_detector", "detection_train_loss", "build_detector",
+    "detection_sources", "init_detector", "loss_kwargs", "post_kwargs",
+    "detection_task", "detection_input_shape", "DetectionSource",
 ]

@@ -1,17 +1,29 @@
-"""The stages of a run, each reading and writing files in a work directory.
+"""One pipeline for every task and model framework.
 
->>> from amq_jax import pipeline
->>> ctx = pipeline.Context(cfg, 'runs/default')      # FP32 model (trained if missing)
->>> pipeline.analyze(ctx); pipeline.search(ctx); ...
->>> report = pipeline.run(cfg, 'runs/default')       # everything, cached per stage
+Commands (config + work directory; each stage cached by a fingerprint of what it reads)::
+
+    from amq_jax import pipeline
+    pipeline.run(cfg, 'runs/default')          # FP32 -> analyze -> search -> finetune -> report
+    pipeline.analyze(cfg, wd); pipeline.search(cfg, wd, budget='avg:3'); ...
+
+Stages as functions of data (any :class:`amq_jax.adapters.Model` and :class:`Task`)::
+
+    traces = pipeline.analyze_traces(model, task, cfg.hessian)
+    res = pipeline.search_bits(model, traces, None, None, cfg.search, budget='avg:3',
+                               methods=('hawq_v2', 'uniform'))
+    result = pipeline.finetune_bits(model, task, bits, cfg.finetune, 'runs/x', seed=0)
 """
-from amq_jax.pipeline._analyze import analyze
-from amq_jax.pipeline._common import Context, Workdir
-from amq_jax.pipeline._finetune import export_model, finetune, load_bits, load_exported, qat_apply_fn
-from amq_jax.pipeline._run import run
-from amq_jax.pipeline._search import (ALL_METHODS, DEFAULT_METHODS, BudgetError, Problem,
-                                      auto_bits, search)
+from amq_jax.pipeline._commands import (Experiment, analyze, build, finetune,
+                                        format_bits_table, report, run, search, train)
+from amq_jax.pipeline._stages import (ALL_METHODS, DEFAULT_METHODS, analyze_activations,
+                                      analyze_eigenvalues, analyze_traces, export_model,
+                                      finetune_bits, load_exported, search_bits,
+                                      weight_problem)
+from amq_jax.pipeline._task import Task, classification_task, xent_train_loss
+from amq_jax.pipeline._workdir import Workdir, fingerprint
 
-__all__ = ["Context", "Workdir", "analyze", "search", "finetune", "run", "load_bits",
-           "export_model", "load_exported", "qat_apply_fn", "Problem", "BudgetError",
-           "ALL_METHODS", "DEFAULT_METHODS", "auto_bits"]
+__all__ = ["train", "analyze", "search", "finetune", "run", "report", "build", "Experiment",
+           "Task", "classification_task", "xent_train_loss", "Workdir", "fingerprint",
+           "analyze_traces", "analyze_eigenvalues", "analyze_activations", "search_bits",
+           "finetune_bits", "export_model", "load_exported", "weight_problem",
+           "format_bits_table", "ALL_METHODS", "DEFAULT_METHODS"]

@@ -1,0 +1,113 @@
+"""Object detection as a task of the one pipeline: RetinaNet losses, COCO mAP, data.
+
+Only what is detection's own lives here: the focal/box loss on anchors (its curvature and
+its training loss), mAP as the evaluator, the Fashion-MNIST detection set (or prepared
+COCO) as batches, and the activation analysis (per-example traces w.r.t. each layer's
+input, with the heads applied once per forward pass so each input is one tensor).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amq_jax.detection import _data
+from amq_jax.detection._losses import detection_loss
+from amq_jax.detection._train import (_loss_kwargs, _post_kwargs, activation_loss, anchors_for,
+                                      make_predict_fn, pack_targets, predict)
+from amq_jax.detection._coco_eval import coco_evaluate
+from amq_jax.errors import ConfigError
+
+__all__ = ["detection_task", "detection_input_shape", "DetectionSource"]
+
+
+class DetectionSource:
+  """A :class:`DetectionSet` as a batch source for :func:`amq_jax.train.fit`."""
+
+  def __init__(self, ds: _data.DetectionSet, *, flip: bool = False):
+    self.ds, self.flip = ds, flip
+    self.num_examples = len(ds.images)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return _data.num_batches(self.ds, batch_size)
+
+  def train_batches(self, batch_size, *, seed, epoch, start=0):
+    return _data.detection_batches(self.ds, batch_size, seed=seed, epoch=epoch, start=start,
+                                   flip=self.flip)
+
+
+def detection_input_shape(cfg) -> tuple:
+  if cfg.dataset == "fmnist_det":
+    return (cfg.canvas, cfg.canvas, cfg.channels)
+  return (cfg.image_size, cfg.image_size, 3)
+
+
+def _sets(cfg):
+  if cfg.dataset != "fmnist_det":
+    raise ConfigError(f"the detection pipeline reads dataset 'fmnist_det' here (got "
+                      f"{cfg.dataset!r}); prepared COCO runs train with amq-jax train")
+  mk = lambda split, n: _data.make_detection_set(  # noqa: E731
+      split, n, seed=cfg.seed, canvas=cfg.canvas, max_gt=cfg.max_gt,
+      max_objects=cfg.get("max_objects", 4), data_dir=cfg.get("data_dir"))
+  return mk("train", cfg.train_images), mk("test", cfg.test_images)
+
+
+def detection_task(cfg):
+  """The RetinaNet task of a detection config (``configs/retinanet_fmnist_det.py``)."""
+  from amq_jax import hessian, models
+  from amq_jax.pipeline._task import Task
+
+  train_set, test_set = _sets(cfg)
+  kw = cfg.get("model_kwargs", {})
+  kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
+  module = models.get_model(cfg.model, **kw)
+  hw = (cfg.canvas, cfg.canvas)
+  anchors = jnp.asarray(anchors_for(module, hw, anchor_scale=cfg.anchor_scale))
+  loss_kw, post_kw = _loss_kwargs(cfg), _post_kwargs(cfg)
+  eval_bs = int(cfg.train.get("eval_batch_size", 64))
+
+  def first_batches(n, bs):
+    n = min(int(n), len(train_set.images)) // int(bs) * int(bs)
+    if n == 0:
+      raise ConfigError(f"no full batch of {bs} among the {len(train_set.images)} training "
+                        "images; lower the batch size or raise train_images")
+    return [{"image": train_set.images[i:i + bs], "boxes": train_set.boxes[i:i + bs],
+             "classes": train_set.classes[i:i + bs]} for i in range(0, n, bs)]
+
+  def curvature_loss(model):
+    def loss_fn(params, batch):
+      out, _ = model.apply(params, model.state, batch["image"], train=False)
+      return detection_loss(out, batch["boxes"], batch["classes"], anchors, **loss_kw)[0]
+    return loss_fn
+
+  def train_loss(apply):
+    def loss_fn(params, state, batch, *, train=True):
+      out, new_state = apply(params, state, batch["image"], train=train)
+      loss, parts = detection_loss(out, batch["boxes"], batch["classes"], anchors, **loss_kw)
+      return loss, (parts, new_state)
+    return loss_fn
+
+  def evaluate(apply, params, state) -> dict:
+    fn = make_predict_fn(lambda v, x, t: apply(v["params"], v["state"], x, train=t),
+                         anchors, hw, **post_kw)
+    batches = _data.detection_batches(test_set, eval_bs, seed=None, drop_remainder=False)
+    r = predict(fn, {"params": params, "state": state}, batches)
+    return coco_evaluate(r["gt_boxes"], r["gt_classes"], r["boxes"], r["scores"],
+                         r["classes"], r["valid"], num_classes=module.num_classes)
+
+  def activation_traces(model, hc, key) -> dict[str, tuple[float, float]]:
+    # Heads applied once per forward pass: every layer's input is a single tensor.
+    packed = models.get_model(cfg.model, **dict(kw, head_mode="packed"))
+    ex = first_batches(hc.act_examples, hc.act_examples)[0]
+    est = hessian.activation_traces(
+        packed, dict(model.state, params=model.params),
+        {"image": ex["image"], "label": pack_targets(ex["boxes"], ex["classes"])},
+        key=key, layers=model.layers.names, probes=hc.act_probes,
+        loss=activation_loss(anchors, **loss_kw))
+    return {l: (float(est[l].trace), float(est[l].stderr)) for l in model.layers.names}
+
+  return Task("detection", "mAP", DetectionSource(train_set, flip=cfg.get("flip", False)),
+              first_batches, curvature_loss, train_loss, evaluate, logits_fn=None,
+              activation_traces=activation_traces, chance=None)

@@ -1,0 +1,414 @@
+"""The commands: config + work directory -> the stages, cached by fingerprint.
+
+``train``, ``analyze``, ``search``, ``finetune``, ``run`` and ``report`` work on every
+config (classification and detection alike): the config names a model and a task, and
+the stages are the same functions for both (:mod:`amq_jax.pipeline._stages`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Sequence
+
+import ml_collections
+
+from amq_jax import _guard, _io, adapters, models, quant
+from amq_jax.errors import ConfigError, StateError
+from amq_jax.pipeline import _stages
+from amq_jax.pipeline._task import Task, classification_task
+from amq_jax.pipeline._workdir import Workdir, fingerprint
+
+__all__ = ["train", "analyze", "search", "finetune", "run", "report", "build", "Experiment"]
+
+
+class Experiment:
+  """A config's model (float, as a :class:`amq_jax.adapters.Model`), task and work
+  directory. Built by :func:`build`; holds data, computes nothing."""
+
+  def __init__(self, cfg, wd: Workdir, model: adapters.Model, task: Task, fp32_fp: str,
+               progress: bool):
+    self.cfg, self.wd, self.model, self.task = cfg, wd, model, task
+    self.fp32_fp, self.progress = fp32_fp, progress
+
+  def __repr__(self) -> str:
+    return f"Experiment({self.cfg.get('name', self.cfg.model)}, {self.model}, {self.task})"
+
+
+# ---------------------------------------------------------------------------------------
+# config -> model, task
+# ---------------------------------------------------------------------------------------
+def _is_detection(cfg) -> bool:
+  return cfg.get("task", "classification") == "detection"
+
+
+def _module(cfg, **extra):
+  kw = cfg.get("model_kwargs", {})
+  kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
+  return models.get_model(cfg.model, **dict(kw, **extra))
+
+
+def _task(cfg) -> Task:
+  if _is_detection(cfg):
+    from amq_jax.detection import detection_task
+    return detection_task(cfg)
+  from amq_jax import train
+  tr, te = train.load_data(cfg)
+  nc = cfg.get("model_kwargs", {}).get("num_classes")
+  return classification_task(tr, te, augment=bool(cfg.train.get("augment", False)),
+                             eval_batch_size=int(cfg.train.get("eval_batch_size", 1000)),
+                             num_classes=nc)
+
+
+def _input_shape(cfg):
+  if _is_detection(cfg):
+    from amq_jax.detection import detection_input_shape
+    return detection_input_shape(cfg)
+  return tuple(cfg.input_shape)
+
+
+def _fp32_fingerprint(cfg) -> str:
+  fields = {k: cfg.get(k) for k in ("model", "model_kwargs", "input_shape", "dataset",
+                                     "data_dir", "train_limit", "pretrained", "seed", "task",
+                                     "canvas", "max_gt", "max_objects", "train_images",
+                                     "anchor_scale", "loss")}
+  return fingerprint("fp32", fields, cfg.train)
+
+
+def _fp32_stage(cfg, wd: Workdir, module, sample, task: Task, progress: bool):
+  """The float variables: this work directory's, else the shipped checkpoint the config
+  names, else trained here (resumable)."""
+  import jax
+  from amq_jax import train
+
+  fp = _fp32_fingerprint(cfg)
+  path = wd.fp32
+
+  def compute():
+    target = jax.jit(lambda k: module.init(k, sample, **_train_kw(module)))(jax.random.key(0))
+    name = cfg.get("pretrained")
+    shipped = train.shipped_checkpoint(name) if name else None
+    if shipped:
+      variables = train.restore_variables(shipped, target)
+      source = f"shipped checkpoint {os.path.basename(shipped)}"
+    else:
+      init = jax.jit(lambda k: module.init(k, sample, **_train_kw(module)))(
+          jax.random.key(int(cfg.seed)))
+      m0 = adapters.from_linen(module, init, sample)
+      state, res = train.fit(task.train_loss(m0.apply), m0.params, m0.state, task.train_source,
+                             cfg.train, workdir=wd.path("fp32", "train", mkdir=True),
+                             seed=int(cfg.seed), desc="fp32", progress=progress,
+                             field_prefix="train")
+      variables = dict(state.model_state, params=state.params)
+      source = f"trained here ({res.get('steps')} steps)"
+    train.save_variables(path, jax.device_get(variables))
+    _io.write_json(wd.path("fp32", "source.json"), {"source": source})
+
+  wd.cached("fp32", fp, [path], compute, clear=[wd.path("fp32", "train", mkdir=False), path])
+  target = jax.eval_shape(lambda: module.init(jax.random.key(0), sample, **_train_kw(module)))
+  import numpy as np
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
+  try:
+    variables = train.restore_variables(path, target)
+  except Exception as e:  # noqa: BLE001 - any decoding error means a damaged/foreign file
+    raise StateError(f"{path} cannot be read as the variables of model {cfg.model!r} ({e}); "
+                     "delete it (or the work directory) and run again") from None
+  return variables, fp
+
+
+def _train_kw(module) -> dict:
+  from amq_jax.adapters._model import _takes_train
+  return {"train": False} if _takes_train(module) else {}
+
+
+def build(cfg, workdir: str, *, progress: bool | None = None, train_if_missing: bool = True
+          ) -> Experiment:
+  """The config's float model (trained or loaded, cached) and task."""
+  import jax.numpy as jnp
+  wd = Workdir(workdir)
+  progress = bool(cfg.get("progress", True)) if progress is None else progress
+  module = _module(cfg)
+  sample = jnp.zeros((1,) + tuple(_input_shape(cfg)), jnp.float32)
+  task = _task(cfg)
+  if not train_if_missing and wd.record("fp32") is None and not cfg.get("pretrained"):
+    raise StateError(f"no FP32 model in {wd.root}; run `amq-jax train` (or `run`) first")
+  variables, fp = _fp32_stage(cfg, wd, module, sample, task, progress)
+  model = adapters.from_linen(module, variables, sample)
+  exp = Experiment(cfg, wd, model, task, fp, progress)
+  fp32_eval(exp)
+  return exp
+
+
+def fp32_eval(exp: Experiment) -> dict:
+  path = exp.wd.path("fp32", "eval.json")
+  m = exp.model
+
+  def compute():
+    from amq_jax import alloc
+    ev = exp.task.evaluate(m.apply, m.params, m.state)
+    src = _io.read_json(exp.wd.path("fp32", "source.json")).get("source") if os.path.isfile(
+        exp.wd.path("fp32", "source.json")) else "?"
+    _io.write_json(path, {"metrics": ev, exp.task.metric: ev[exp.task.metric],
+                          "size_mb": alloc.model_size_mb(m.params), "source": src})
+
+  exp.wd.cached("fp32_eval", fingerprint("eval", exp.fp32_fp), [path], compute)
+  res = _io.read_json(path, what="the FP32 evaluation")
+  chance = exp.task.chance
+  if chance and res[exp.task.metric] < 1.5 * chance:
+    from amq_jax.errors import NearChanceWarning
+    warnings.warn(NearChanceWarning(
+        f"the FP32 model's {exp.task.metric} is {res[exp.task.metric]:.3f}, near chance "
+        f"({chance:.3f}): quantizing it measures nothing useful; train it longer "
+        "(--config.train.num_epochs) or check the data"), stacklevel=2)
+  return res
+
+
+# ---------------------------------------------------------------------------------------
+# stages with caching
+# ---------------------------------------------------------------------------------------
+def _analyze_fp(exp: Experiment) -> str:
+  return fingerprint("analyze", exp.fp32_fp, exp.cfg.hessian)
+
+
+def _analyze(exp: Experiment, *, force=False) -> dict:
+  wd, hc = exp.wd, exp.cfg.hessian
+  fp = _analyze_fp(exp)
+  wd.cached("analyze.traces", fp, [wd.traces], lambda: _io.write_json(
+      wd.traces, _stages.analyze_traces(exp.model, exp.task, hc, progress=exp.progress)),
+      force=force)
+  out = {"traces": _io.read_json(wd.traces, what="amq-jax analyze")}
+  if hc.get("eig_layers") is not None and int(hc.get("top1_iters", 0) or 0) > 0:
+    def eig():
+      res = _stages.analyze_eigenvalues(exp.model, exp.task, hc, progress=exp.progress)
+      _io.write_json(wd.eigenvalues, res)
+      try:
+        from amq_jax.report import plot_spectra
+        plot_spectra(res["spectra"], wd.path("analyze", "eigenvalues.png"))
+      except Exception as e:  # noqa: BLE001 - a figure must not lose the computed data
+        warnings.warn(f"could not draw analyze/eigenvalues.png: {e}")
+    wd.cached("analyze.eigenvalues", fp, [wd.eigenvalues], eig, force=force)
+    out["eigenvalues"] = _io.read_json(wd.eigenvalues, what="amq-jax analyze")
+  sc = exp.cfg.search
+  if sc.get("act_budget"):
+    afp = fingerprint(fp, sc.get("act_bit_choices"), exp.cfg.finetune.get("calib_method"))
+    wd.cached("analyze.activations", afp, [wd.activations], lambda: _io.write_json(
+        wd.activations, _stages.analyze_activations(
+            exp.model, exp.task, hc, sc.act_bit_choices,
+            calib_method=exp.cfg.finetune.get("calib_method", "minmax"),
+            progress=exp.progress)), force=force)
+    out["activations"] = _io.read_json(wd.activations, what="amq-jax analyze")
+  return out
+
+
+def _methods(cfg, methods) -> tuple[str, ...]:
+  if methods:
+    return tuple(methods)
+  if cfg.get("methods"):
+    return tuple(cfg.methods)
+  return _stages.ALL_METHODS[:-1] if cfg.get("baselines") == "all" else _stages.DEFAULT_METHODS
+
+
+def _search_fp(exp: Experiment, budget: str, methods) -> str:
+  return fingerprint("search", _analyze_fp(exp), exp.cfg.search, budget, list(methods),
+                     exp.cfg.get("num_random", 3))
+
+
+def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dict:
+  wd, sc = exp.wd, exp.cfg.search
+  budget = sc.budget if budget is None else budget
+  if budget is not None and not str(budget).strip():
+    from amq_jax.errors import BudgetError
+    raise BudgetError("the budget is empty; give one, e.g. --budget 0.1MB, --avg-bits 3 or "
+                      "--config.search.budget=uniform:3")
+  methods = _methods(exp.cfg, methods)
+  fp = _search_fp(exp, budget, methods)
+
+  def compute():
+    res = _stages.search_bits(exp.model, analysis["traces"], analysis.get("eigenvalues"),
+                              analysis.get("activations"), sc, budget=budget, methods=methods,
+                              num_random=exp.cfg.get("num_random", 3))
+    res["budget_spec"] = str(budget)
+    for m, rec in res["methods"].items():
+      _io.write_json(wd.method_bits(m), rec)
+    _io.write_json(wd.bits, res["methods"]["hawq_v2"]["config"])
+    _io.write_json(wd.frontier, res)
+    try:
+      from amq_jax.report import plot_frontier
+      plot_frontier(_frontier_for_plot(res), wd.path("search", "frontier.png"))
+    except Exception as e:  # noqa: BLE001
+      warnings.warn(f"could not draw search/frontier.png: {e}")
+
+  wd.cached("search", fp, [wd.frontier, wd.bits], compute,
+            clear=[wd.path("search", mkdir=False)])
+  return _io.read_json(wd.frontier, what="amq-jax search")
+
+
+def _frontier_for_plot(res: dict) -> dict:
+  """The figure's view of a search result (sizes in MB on the frontier)."""
+  w = res["weights"]
+  fixed = w.get("fixed_bytes", 0.0)
+  axis = w["budget"]["axis"]
+  to_mb = (lambda c: (fixed + c / 8) / 1e6) if axis == "size" else (lambda c: c)
+  uni = {}
+  for name, rec in res["methods"].items():
+    if name == "uniform":
+      uni[str(max(rec["bits"].values()))] = {"size_mb": rec["size_mb"],
+                                             "omega": rec["omega"].get("hawq_v2")}
+  return {"layers": w["layers"], "bit_choices": w["bit_choices"],
+          "budget": {"spec": w["budget"]["spec"], "description": w["budget"]["description"],
+                     "size_mb": to_mb(w["budget"]["cost"])},
+          "size_mb": [to_mb(c) for c in w["frontier"]["cost"]], "omega": w["frontier"]["omega"],
+          "num_points": w["frontier"]["points"], "uniform": uni,
+          "methods": {k: {"size_mb": v["size_mb"], "omega": v["omega"].get("hawq_v2")}
+                      for k, v in res["methods"].items()}}
+
+
+def _seeds(cfg) -> list[int]:
+  seeds = cfg.finetune.get("seeds") or (cfg.get("seed", 0),)
+  return [int(s) for s in seeds]
+
+
+def _finetune_fp(exp: Experiment, config: dict, seed: int) -> str:
+  return fingerprint("finetune", exp.fp32_fp, quant.BitConfig(config).to_dict(),
+                     exp.cfg.finetune, seed, exp.cfg.search.get("symmetric", True))
+
+
+def _finetune(exp: Experiment, name: str, bits: quant.BitConfig, seed: int) -> dict:
+  wd = exp.wd
+  out = wd.finetune_dir(name, seed)
+  rpath = os.path.join(out, "result.json")
+  fp = _finetune_fp(exp, bits.to_dict(), seed)
+
+  def compute():
+    res = _stages.finetune_bits(exp.model, exp.task, bits, exp.cfg.finetune, out, seed=seed,
+                                symmetric=bool(exp.cfg.search.get("symmetric", True)),
+                                progress=exp.progress, desc=f"finetune {name} seed {seed}")
+    res["method"] = name
+    _io.write_json(rpath, res)
+
+  wd.cached(f"finetune/{name}/seed{seed}", fp, [rpath], compute, clear=[out])
+  return _io.read_json(rpath, what="amq-jax finetune")
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _session(cfg, workdir: str):
+  _guard.check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with _guard.workdir_lock(workdir):
+    _io.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    yield
+
+
+def train(cfg, workdir: str, *, progress: bool | None = None) -> dict:
+  """The float model of the config (trained here unless the config names a shipped one)."""
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, progress=progress)
+    return fp32_eval(exp)
+
+
+def analyze(cfg, workdir: str, *, force: bool = False, progress: bool | None = None) -> dict:
+  """Per-layer traces (+ eigenvalues, + activation analysis when configured)."""
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, progress=progress)
+    return _analyze(exp, force=force)["traces"]
+
+
+def search(cfg, workdir: str, *, budget: str | None = None,
+           methods: Sequence[str] | None = None, progress: bool | None = None) -> dict:
+  """The configurations of every method at the budget (``search/``)."""
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, progress=progress)
+    res = _search(exp, _analyze(exp), budget, methods)
+    res["table"] = format_bits_table(res)
+    return res
+
+
+def finetune(cfg, workdir: str, *, bits: str | None = None, name: str | None = None,
+             progress: bool | None = None) -> dict:
+  """QAT of a bits file (default ``search/bits.json``) into ``finetune/<name>/seed<k>``."""
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, progress=progress)
+    path = bits or exp.wd.bits
+    if name is None:
+      name = "hawq_v2" if bits is None else os.path.splitext(os.path.basename(path))[0]
+    name = _guard.safe_name(name, what="--name")
+    if not os.path.isfile(path):
+      raise StateError(f"bits file {path} does not exist; run `amq-jax search` first or "
+                       "pass --bits FILE")
+    cfgb = quant.load_bits_file(path, exp.model.layers.names)
+    results = [_finetune(exp, name, cfgb, s) for s in _seeds(cfg)]
+    return results[0] if len(results) == 1 else {"method": name, "seeds": results}
+
+
+def run(cfg, workdir: str, *, budget: str | None = None, methods: Sequence[str] | None = None,
+        progress: bool | None = None) -> dict:
+  """Everything: FP32 -> analyze -> search -> finetune (each method and seed) -> report.
+
+  Re-running reuses every stage whose fingerprint is unchanged and recomputes the rest.
+  """
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, progress=progress)
+    analysis = _analyze(exp)
+    res = _search(exp, analysis, budget, methods)
+    results = {}
+    for name, rec in res["methods"].items():
+      bits = quant.BitConfig(rec["config"])
+      results[name] = [_finetune(exp, name, bits, s) for s in _seeds(cfg)]
+    return _write_report(exp, analysis, res, results)
+
+
+def report(cfg, workdir: str) -> dict:
+  """Rewrites the report from the finished stages; runs nothing new."""
+  wd = Workdir(workdir)
+  for p in (wd.traces, wd.frontier):
+    if not os.path.isfile(p):
+      raise StateError(f"{p} does not exist; run `amq-jax run` (or analyze and search) first")
+  with _session(cfg, workdir):
+    exp = build(cfg, workdir, train_if_missing=False, progress=False)
+    analysis = {"traces": _io.read_json(wd.traces, what="amq-jax analyze")}
+    if os.path.isfile(wd.eigenvalues):
+      analysis["eigenvalues"] = _io.read_json(wd.eigenvalues, what="amq-jax analyze")
+    if os.path.isfile(wd.activations):
+      analysis["activations"] = _io.read_json(wd.activations, what="amq-jax analyze")
+    res = _io.read_json(wd.frontier, what="amq-jax search")
+    results = {}
+    for name, rec in res["methods"].items():
+      rs = []
+      for s in _seeds(cfg):
+        p = os.path.join(wd.finetune_dir(name, s), "result.json")
+        st = wd.record(f"finetune/{name}/seed{s}")
+        if os.path.isfile(p) and st and st.get("fingerprint") == _finetune_fp(
+            exp, rec["config"], s):
+          rs.append(_io.read_json(p, what="amq-jax finetune"))
+      if rs:
+        results[name] = rs
+    return _write_report(exp, analysis, res, results)
+
+
+def format_bits_table(res: dict) -> str:
+  recs = res["methods"]
+  names = list(recs)
+  layers = res["weights"]["layers"]
+  counts = res["weights"]["counts"]
+  lines = ["| layer | params | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+  for l, n in zip(layers, counts):
+    lines.append(f"| {l} | {int(n)} | " + " | ".join(
+        f"{recs[m]['config'][l]['w']}" + (f"/a{recs[m]['config'][l]['a']}"
+                                          if res.get("activations") else "")
+        for m in names) + " |")
+  lines.append("| **size (MB)** | | " + " | ".join(f"{recs[m]['size_mb']:.4f}" for m in names) + " |")
+  lines.append("| **avg bits** | | " + " | ".join(f"{recs[m]['avg_bits']:.3f}" for m in names) + " |")
+  return "\n".join(lines)
+
+
+def _write_report(exp: Experiment, analysis: dict, res: dict, results: dict) -> dict:
+  from amq_jax.report import write_report
+  wd = exp.wd
+  fp32 = _io.read_json(wd.path("fp32", "eval.json"), what="the FP32 evaluation")
+  return write_report(wd.root, config_name=exp.cfg.get("name", exp.cfg.model),
+                      metric=exp.task.metric, fp32=fp32, search=res, results=results,
+                      analysis=analysis, stages=wd.stages(), reused=dict(wd.reused),
+                      frontier_plot=_frontier_for_plot(res))

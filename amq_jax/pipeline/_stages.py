@@ -1,0 +1,395 @@
+"""The stages of a run as functions: inputs -> result (plain data). No stage knows the task.
+
+    analyze(model, task, hessian_cfg)              -> traces (+ eigenvalues, activations)
+    search(model, analysis, search_cfg, budget)    -> {method: record with its BitConfig}
+    finetune(model, task, bits, finetune_cfg, ...) -> result (metrics before/after, export)
+
+The command functions in :mod:`amq_jax.pipeline._commands` read configs, cache these
+results in a work directory and write the report.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from amq_jax import _io, alloc, hessian, quant
+from amq_jax.adapters import Model
+from amq_jax.errors import BudgetError, ConfigError, NonFiniteError
+from amq_jax.pipeline._task import Task
+
+__all__ = ["analyze_traces", "analyze_eigenvalues", "analyze_activations", "search_bits",
+           "finetune_bits", "DEFAULT_METHODS", "ALL_METHODS"]
+
+DEFAULT_METHODS = ("hawq_v2", "uniform")
+ALL_METHODS = ("hawq_v2", "uniform", "uniform_above", "weight_norm", "hawq_v1", "high_omega",
+               "random", "uniform_act")
+
+
+def _progress(cfg_value, default=True) -> bool:
+  return default if cfg_value is None else bool(cfg_value)
+
+
+def _supports(fn, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# analyze
+# ---------------------------------------------------------------------------------------
+def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> dict:
+  """Per-layer curvature traces of the float model (``hc``: the config's ``hessian``).
+
+  ``hc.curvature``: ``'hessian'`` (Hutchinson on Hessian blocks, the paper's method),
+  ``'ggn'`` or ``'fisher'`` (output-space probes; need ``task.logits_fn``).
+  """
+  batches = task.first_batches(hc.num_examples, hc.batch_size)
+  loss_fn = task.curvature_loss(model)
+  curvature = hc.get("curvature", "hessian")
+  kw = dict(key=jax.random.key(hc.seed), wrt=model.layers.params_paths,
+            estimator=hc.estimator, rtol=hc.rtol, min_probes=hc.min_probes,
+            max_probes=hc.max_probes, progress=progress)
+  if curvature != "hessian" or _supports(hessian.layer_traces, "curvature"):
+    if curvature != "hessian" and task.logits_fn is None:
+      raise ConfigError(f"hessian.curvature={curvature!r} needs logits (a task with "
+                        "logits_fn); use 'hessian' for this task")
+    kw["curvature"] = curvature
+    if task.logits_fn is not None and curvature != "hessian":
+      kw["logits_fn"] = task.logits_fn(model)
+  if "atol" in hc:
+    kw["atol"] = hc.atol
+  t0 = time.time()
+  est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
+  layers = hessian.estimates_to_json(est)
+  by_param = model.layers.by_param()
+  out_layers = {}
+  for p, e in layers.items():
+    out_layers[by_param[p].name] = dict(e, param=p)
+  return {"curvature": curvature, "estimator": hc.estimator, "rtol": hc.rtol,
+          "num_examples": len(batches) * hc.batch_size, "seconds": time.time() - t0,
+          "layers": out_layers}
+
+
+def analyze_eigenvalues(model: Model, task: Task, hc, *, progress: bool = True) -> dict:
+  """Top eigenvalue of every layer's Hessian block (HAWQ-V1) and the top-k spectrum of
+  ``hc.eig_layers`` (is the top eigenvalue an outlier?)."""
+  t0 = time.time()
+  batches = task.first_batches(hc.num_examples, hc.batch_size)[: max(1, hc.eig_batches)]
+  loss_fn = task.curvature_loss(model)
+  key = jax.random.key(hc.seed + 1)
+  layers = list(model.layers.values())
+  it = layers
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(layers, desc="top eigenvalue per layer", unit="layer", dynamic_ncols=True)
+  top1 = {}
+  for i, l in enumerate(it):
+    r = hessian.top_eigenvalues(loss_fn, model.params, batches, key=jax.random.fold_in(key, i),
+                                k=1, layer=l.param, method=hc.top1_method, tol=hc.eig_tol,
+                                max_iters=hc.top1_iters)
+    top1[l.name] = {"value": float(r.values[0]), "iterations": int(r.iterations),
+                    "converged": bool(r.converged), "residual": float(r.residuals[0])}
+  spectra = {}
+  for j, name in enumerate(hc.eig_layers):
+    l = model.layers[name]
+    r = hessian.top_eigenvalues(loss_fn, model.params, batches,
+                                key=jax.random.fold_in(key, 1000 + j), k=min(hc.eig_k, l.params),
+                                layer=l.param, method="lanczos", tol=hc.eig_tol,
+                                max_iters=hc.spectrum_iters)
+    vals = [float(v) for v in r.values]
+    spectra[l.name] = {"values": vals, "iterations": int(r.iterations),
+                       "residuals": [float(x) for x in r.residuals],
+                       "converged": bool(r.converged),
+                       "top_over_second": vals[0] / vals[1] if len(vals) > 1 and vals[1] else None}
+  return {"top1": top1, "spectra": spectra, "num_examples": len(batches) * hc.batch_size,
+          "seconds": time.time() - t0}
+
+
+def _observe_inputs(model: Model, params, state, batches, fn, *, input_key="image"):
+  """Runs ``fn(name, x) -> dict of arrays`` on every layer's input; sums over batches."""
+  act_apply = model.require_act_hooks()
+
+  def run(params, x):
+    acc: dict[str, Any] = {}
+
+    def hook(name, a):
+      r = fn(name, a)
+      acc[name] = r if name not in acc else jax.tree.map(lambda u, v: u + v, acc[name], r)
+      return a
+    act_apply(params, state, x, hook, train=False)
+    return acc
+
+  run = jax.jit(run)
+  total = None
+  for b in batches:
+    out = jax.device_get(run(params, b[input_key]))
+    total = out if total is None else jax.tree.map(lambda u, v: u + v, total, out)
+  return total
+
+
+def activation_errors(model: Model, batches, ranges: Mapping, bit_choices: Sequence[int], *,
+                      params=None, input_key: str = "image") -> np.ndarray:
+  """``[L, B]`` mean per-example ``||Q_a(x_l) - x_l||^2`` of each layer's input ``x_l``
+  (summed over the layer's calls), ``Q_a`` the calibrated ``a``-bit activation quantizer:
+  the activation analogue of ``||Q_b(W) - W||^2`` in Omega."""
+  bits = [int(b) for b in bit_choices]
+  import jax.numpy as jnp
+
+  def fn(name, a):
+    lo, hi = ranges[name]
+    a = a.astype(jnp.float32)
+    axes = tuple(range(1, a.ndim))
+    return jnp.stack([jnp.sum(jnp.square(quant.fake_quant_act(a, b, lo, hi) - a), axis=axes)
+                      for b in bits], -1).sum(0)
+
+  tot = _observe_inputs(model, model.params if params is None else params, model.state,
+                        batches, fn, input_key=input_key)
+  n = sum(int(np.shape(b[input_key])[0]) for b in batches)
+  return np.stack([np.asarray(tot[l], np.float64) for l in model.layers.names]) / n
+
+
+def analyze_activations(model: Model, task: Task, hc, act_bit_choices, *, calib_method: str,
+                        progress: bool = True) -> dict:
+  """Activation traces (from the task), calibrated ranges and the activation Omega table."""
+  if task.activation_traces is None:
+    raise ConfigError(f"the {task.name} task has no activation analysis; unset "
+                      "search.act_budget")
+  t0 = time.time()
+  est = task.activation_traces(model, hc, jax.random.key(hc.seed + 2))
+  calib = task.first_batches(hc.calib_examples, min(hc.calib_examples, 64))
+  ranges = quant.calibrate_model(model, calib, {l: {"w": None, "a": 8} for l in model.layers},
+                                 method=calib_method)
+  errors = activation_errors(model, calib, ranges, act_bit_choices)
+  names = model.layers.names
+  sizes = model.layers.in_sizes()
+  traces = np.array([est[l][0] for l in names], np.float64)
+  return {"layers": names, "act_bit_choices": [int(b) for b in act_bit_choices],
+          "traces": {l: {"trace": float(est[l][0]), "stderr": float(est[l][1]),
+                         "elems": int(s), "avg_trace": float(t / s)}
+                     for l, t, s in zip(names, traces, sizes)},
+          "ranges": ranges, "errors": errors.tolist(), "seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------
+def _with_layers(fn, model: Model, *args, **kw):
+  """Calls ``fn`` with the model's layer table (weight leaves and channel axes) where it
+  takes one as a keyword."""
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    params = {}
+  for name in ("layer_table", "layers"):
+    p = params.get(name)
+    if p is not None and p.kind is inspect.Parameter.KEYWORD_ONLY:
+      kw[name] = model.layers
+      break
+  return fn(*args, **kw)
+
+
+def _ties(model: Model, sc) -> list[list[str]]:
+  import re
+  groups = []
+  for pats in sc.get("tie", ()) or ():
+    try:
+      idx = [l for l in model.layers.names if any(re.fullmatch(p, l) for p in pats)]
+    except re.error as e:
+      raise ConfigError(f"search.tie pattern in {list(pats)} is not a valid regex: {e}") from None
+    if len(idx) < 2:
+      raise ConfigError(f"search.tie group {list(pats)} matches {len(idx)} layer(s); the "
+                        f"model's layers are {model.layers.names}")
+    groups.append(idx)
+  if sc.get("tie_shared_inputs", False):
+    taken = {l for g in groups for l in g}
+    groups += [g for g in model.layers.shared_inputs() if not taken & set(g)]
+  return groups
+
+
+def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc) -> alloc.Problem:
+  """The weight-width :class:`amq_jax.alloc.Problem` of ``model`` (execution order)."""
+  names = model.layers.names
+  bits = tuple(int(b) for b in sc.bit_choices)
+  symmetric = bool(sc.get("symmetric", True))
+  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers.params_paths,
+                        bits, symmetric=symmetric)
+  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers.params_paths,
+                       symmetric=symmetric)
+  avg = None
+  if traces is not None:
+    avg = hessian_avg_traces(traces)
+  top = None if eigen is None else {k: v["value"] for k, v in eigen["top1"].items()}
+  act = sc.get("act_bits")
+  return alloc.Problem(names, model.layers.counts(), bits, errors, kind="weights",
+                       avg_traces=avg, top_eigs=top, macs=model.layers.macs(),
+                       other_bits=act if act else None, fixed_bytes=fixed,
+                       pinned=alloc.pins_first_last(names, sc.get("pin_first_last")),
+                       tied=_ties(model, sc) or None)
+
+
+def hessian_avg_traces(traces: dict) -> dict[str, float]:
+  """``{layer: Tr/n}`` used in Omega (see ``hessian.sensitivity_traces`` for the treatment
+  of negative and near-zero estimates when available)."""
+  layers = traces["layers"]
+  if hasattr(hessian, "sensitivity_traces"):
+    return dict(hessian.sensitivity_traces(layers).avg_traces)
+  return {k: v["avg_trace"] for k, v in layers.items()}
+
+
+def act_problem(model: Model, acts: dict, sc, weight_bits: Sequence[int]) -> alloc.Problem:
+  names = model.layers.names
+  avg = {l: acts["traces"][l]["avg_trace"] for l in names}
+  return alloc.Problem(names, model.layers.in_sizes(), acts["act_bit_choices"],
+                       np.asarray(acts["errors"]), kind="activations", avg_traces=avg,
+                       macs=model.layers.macs(), other_bits=list(weight_bits),
+                       pinned=alloc.pins_first_last(names, sc.get("act_pin_first_last")))
+
+
+def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dict | None,
+                sc, *, budget: str, methods: Sequence[str], num_random: int = 3) -> dict:
+  """Every method's configuration at ``budget``, the frontier, and (with ``acts`` and
+  ``sc.act_budget``) the activation widths chosen the same way at the activation budget.
+
+  Returns the JSON-able search result: ``{'weights': alloc.allocate(...), 'activations':
+  ... or None, 'methods': {name: record}}``; each record's ``config`` is the full
+  ``{layer: {'w', 'a'}}`` bit configuration (execution order).
+  """
+  unknown = [m for m in methods if m not in ALL_METHODS]
+  if unknown:
+    raise ConfigError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
+  pb = weight_problem(model, traces, eigen, sc)
+  wmethods = [m for m in methods if m != "uniform_act"]
+  if "hawq_v1" in wmethods and eigen is None:
+    raise ConfigError("method 'hawq_v1' needs analyze/eigenvalues.json; run amq-jax analyze")
+  t0 = time.perf_counter()
+  w = alloc.allocate(pb, budget, wmethods, num_random=num_random)
+  w["seconds"] = time.perf_counter() - t0
+  w["fixed_bytes"] = pb.fixed_bytes
+  names = model.layers.names
+  act_default = sc.get("act_bits")
+  act_res = None
+  act_for: dict[str, list] = {}
+  if acts is not None and sc.get("act_budget"):
+    hawq_w = w["methods"]["hawq_v2"]["bits"]
+    apb = act_problem(model, acts, sc, [hawq_w[l] for l in names])
+    act_res = alloc.allocate(apb, sc.act_budget, ("hawq_v2", "uniform"))
+    act_for["hawq_v2"] = [act_res["methods"]["hawq_v2"]["bits"][l] for l in names]
+    act_for["uniform_act"] = [act_res["methods"]["uniform"]["bits"][l] for l in names]
+  records = {}
+  for m, rec in w["methods"].items():
+    a = act_for.get("hawq_v2", [act_default] * len(names))
+    records[m] = dict(rec, method=m, config={l: {"w": int(rec["bits"][l]), "a": a[i]}
+                                             for i, l in enumerate(names)})
+  if "uniform_act" in methods:
+    if "uniform_act" not in act_for:
+      raise ConfigError("method 'uniform_act' compares activation widths: set "
+                        "search.act_budget (and run the activation analysis)")
+    rec = w["methods"]["hawq_v2"]
+    records["uniform_act"] = dict(rec, method="uniform_act", config={
+        l: {"w": int(rec["bits"][l]), "a": act_for["uniform_act"][i]}
+        for i, l in enumerate(names)})
+  for m, r in records.items():
+    r["act_bits"] = {l: c["a"] for l, c in r["config"].items()}
+    if act_res is not None:
+      key = "uniform" if m == "uniform_act" else "hawq_v2"
+      ar = act_res["methods"][key]
+      r["act"] = {k: ar[k] for k in ar if k != "bits"}
+    r["size_mb"] = _with_layers(alloc.model_size_mb, model, model.params, r["config"],
+                                symmetric=bool(sc.get("symmetric", True)))
+  return {"weights": w, "activations": act_res, "methods": records}
+
+
+# ---------------------------------------------------------------------------------------
+# finetune
+# ---------------------------------------------------------------------------------------
+def calibrate(model: Model, task: Task, bits: quant.BitConfig, fc) -> dict:
+  n = int(fc.calib_examples)
+  calib = task.first_batches(n, min(n, 128))
+  return quant.calibrate_model(model, calib, bits, method=fc.calib_method)
+
+
+def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: str, *,
+                  seed: int, symmetric: bool = True, progress: bool = True,
+                  desc: str = "finetune") -> dict:
+  """QAT of ``bits`` from the float model into ``out_dir`` (resumable), export, re-check.
+
+  Weights are fake-quantized per output channel (straight-through); inputs of layers with
+  an ``'a'`` width use ranges calibrated once on the first training examples. The result
+  holds the task metric before (post-training quantization) and after fine-tuning, and of
+  the exported packed file evaluated again.
+  """
+  from amq_jax import train
+
+  t0 = time.time()
+  os.makedirs(out_dir, exist_ok=True)
+  rpath = os.path.join(out_dir, "act_ranges.json")
+  if any(bits[l]["a"] is not None for l in bits.layers):
+    if os.path.isfile(rpath):
+      ranges = {k: tuple(v) for k, v in _io.read_json(rpath, what="the fine-tune").items()}
+    else:
+      ranges = calibrate(model, task, bits, fc)
+      _io.write_json(rpath, ranges)
+  else:
+    ranges = {}
+  qapply = quant.quantize_model(model, bits, act_ranges=ranges, symmetric=symmetric)
+  before = task.evaluate(qapply, model.params, model.state)
+  state, res = train.fit(task.train_loss(qapply), model.params, model.state,
+                         task.train_source, fc, workdir=out_dir, seed=int(seed), desc=desc,
+                         progress=progress, field_prefix="finetune")
+  params, mstate = state.params, state.model_state
+  after = task.evaluate(qapply, params, mstate)
+  if not np.isfinite(after.get("loss", 0.0)):
+    raise NonFiniteError(f"{desc}: the fine-tuned model's test loss is not finite; lower "
+                         f"--config.finetune.learning_rate (now {fc.learning_rate})")
+  export = export_model(model, os.path.join(out_dir, "model.amq"), params, mstate, bits,
+                        ranges, symmetric=symmetric)
+  exp_params, exp_state = load_exported(model, os.path.join(out_dir, "model.amq"))
+  exported = task.evaluate(qapply, exp_params, exp_state)
+  m = task.metric
+  return {"bits": {l: bits[l]["w"] for l in bits.layers},
+          "act_bits": {l: bits[l]["a"] for l in bits.layers},
+          f"ptq_{m}": before[m], m: after[m], f"exported_{m}": exported[m],
+          "test_metrics": after, "ptq_metrics": before, "export": export,
+          "size_mb": export["computed_bytes"] / alloc.MB, "seed": int(seed),
+          "train": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
+          "seconds": time.time() - t0}
+
+
+def export_model(model: Model, path: str, params, state, bits: quant.BitConfig, ranges, *,
+                 symmetric: bool = True) -> dict:
+  """Packed weights (``path``) + float32 inference state (``path + '.state'``); the packed
+  payload must equal the size the search used (``sizes_agree``)."""
+  import flax.serialization
+  info = _with_layers(quant.export_packed, model, params, bits, path, symmetric=symmetric)
+  _io.write_bytes(path + ".state", flax.serialization.msgpack_serialize(
+      {"state": jax.device_get(state) if state else {},
+       "act_ranges": {k: [float(x) for x in v] for k, v in (ranges or {}).items()},
+       "bits": bits.to_dict()}))
+  computed = _with_layers(alloc.model_size_bytes, model, params, bits.to_dict(),
+                          symmetric=symmetric)
+  return {"file_bytes": os.path.getsize(path), "payload_bytes": info["payload_bytes"],
+          "header_bytes": info["header_bytes"], "computed_bytes": computed,
+          "sizes_agree": info["payload_bytes"] == computed,
+          "inference_state_bytes": os.path.getsize(path + ".state")}
+
+
+def load_exported(model: Model, path: str):
+  """``(params, state)`` of :func:`export_model`'s files, in ``model``'s tree structure."""
+  import flax.serialization
+  from amq_jax import _paths
+  flat = quant.load_packed(path)
+  flat = _paths.flatten(flat)
+  params = _paths.merge(model.params, {k: v for k, v in flat.items()
+                                       if k in _paths.flatten(model.params)})
+  st = flax.serialization.msgpack_restore(_io.read_bytes(path + ".state", what="the fine-tune"))
+  state = model.state
+  if st.get("state"):
+    state = flax.serialization.from_state_dict(model.state, st["state"])
+  return params, state
