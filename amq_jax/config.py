@@ -184,7 +184,7 @@ _OPTIM = {
     "clip_grad_norm": _num(0, none=True, example="1.0"),
     "batch_size": _int(1, example="128"),
     "eval_batch_size": _int(1, example="1000"),
-    "num_epochs": _num(0, lo_open=True, example="1"),
+    "num_epochs": _num(0, lo_open=True, none=True, example="1"),  # None: num_steps is set
     "num_steps": _int(1, none=True, example="100"),
     "augment": _bool(),
     "checkpoint_every_steps": _int(1, example="200"),
