@@ -319,6 +319,11 @@ def _is_oom(e: BaseException) -> bool:
   return False
 
 
+def _one_line(text: str) -> str:
+  """Joins the lines of a message (each stripped) into one."""
+  return " ".join(l.strip() for l in text.splitlines() if l.strip())
+
+
 def _first_line(e: BaseException, limit: int = 200) -> str:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   s = lines[0] if lines else type(e).__name__
@@ -345,7 +350,7 @@ def _error(e: BaseException, command: str, cfg, strict: bool) -> tuple[int, str,
   if isinstance(e, NearChanceWarning):
     return 2, type(e).__name__, f"{_first_line(e, 400)} (an error because of --strict)"
   if isinstance(e, AmqError):
-    return 2, type(e).__name__, " ".join(str(e).split())
+    return 2, type(e).__name__, _one_line(str(e))
   if _is_oom(e):
     return 2, "OutOfMemory", _oom_message(e, command, cfg)
   if isinstance(e, KeyboardInterrupt):
@@ -366,8 +371,10 @@ def _command_of(argv: Sequence[str]) -> str | None:
 def _warnings_as_lines(command: str, strict: bool):
   """Each warning as one line on stderr; with ``strict``, NearChanceWarning raises."""
   def show(message, category, filename, lineno, file=None, line=None):
-    text = " ".join(str(message).split())
-    if not issubclass(category, UserWarning) or not str(filename).startswith(_package_dir()):
+    text = _one_line(str(message))
+    ours = category.__module__.startswith("amq_jax") or (
+        category is UserWarning and str(filename).startswith(_package_dir()))
+    if not ours:
       text = f"{category.__name__}: {text}"
     print(f"amq-jax {command}: warning: {text}", file=sys.stderr)
 

@@ -309,6 +309,13 @@ def _cross_problems(cfg, source) -> list[str]:
   if _is_int(lo) and _is_int(hi) and hi < lo:
     out.append(f"config field hessian.max_probes = {hi} is smaller than hessian.min_probes = "
                f"{lo}: must be >= min_probes (fix: --config.hessian.max_probes={lo}{where})")
+  for sec in ("", "train.", "finetune."):
+    keys = (sec + "num_epochs", sec + "num_steps")
+    node = _get(cfg, sec[:-1]) if sec else cfg
+    if (isinstance(node, (ml_collections.ConfigDict, Mapping)) and all(
+        k.split(".")[-1] in node for k in keys) and all(_get(cfg, k) is None for k in keys)):
+      out.append(f"config fields {keys[0]} and {keys[1]} are both None: set one "
+                 f"(fix: --config.{keys[0]}=1{where})")
   for pin, choices in (("search.pin_first_last", "search.bit_choices"),
                        ("search.act_pin_first_last", "search.act_bit_choices")):
     p, c = _get(cfg, pin), _get(cfg, choices)
