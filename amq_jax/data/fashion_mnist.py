@@ -28,8 +28,7 @@ _HOWTO = ("Install the data with `sudo apt-get install dataset-fashion-mnist` "
           "(optionally .gz) with `--config.data_dir=DIR` or the AMQ_DATA_DIR variable.")
 
 
-class DataError(RuntimeError):
-  """Missing or damaged data files; the message says which file and what to do."""
+from amq_jax.errors import DataError  # noqa: E402 - the one family of user errors (exit 2)
 
 
 class Dataset(NamedTuple):
