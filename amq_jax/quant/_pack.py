@@ -11,11 +11,14 @@ File format of :func:`export_packed` (``.amq``; little-endian)::
     header                      header_len bytes, UTF-8 JSON
     payload                     the tensors' bytes, back to back, no padding
 
-The header lists every parameter with its path, shape, kind and byte offsets. The payload
-holds, for each quantized kernel (per output channel, ``axis=-1``): its packed integer
-levels, then ``C_out`` float32 scales, then (asymmetric only) ``C_out`` float32
-zero-points; every other parameter as raw float32. So ``file size == 16 + header_len +
-payload`` and the payload equals ``amq_jax.alloc.model_size_bytes(params, config)`` exactly.
+The header lists every parameter with its path, shape, kind and byte offsets; a quantized
+weight also records its layer name and its output-channel ``axis`` (files written before
+the axis was recorded mean ``-1``). The payload holds, for each quantized weight (per
+output channel on its own axis: ``-1`` for Linen/NNX ``[..., in, out]`` kernels, ``0`` for
+Equinox ``[out, in, ...]`` weights): its packed integer levels, then ``C_out`` float32
+scales, then (asymmetric only) ``C_out`` float32 zero-points; every other parameter as raw
+float32. So ``file size == 16 + header_len + payload`` and the payload equals
+``amq_jax.alloc.model_size_bytes(params, config, layers=layers)`` exactly.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ import jax
 import numpy as np
 
 from amq_jax import _paths
-from amq_jax.errors import StateError
-from amq_jax.quant._config import BitConfig, as_bit_config
+from amq_jax.errors import LayerError, StateError
+from amq_jax.quant._config import BitConfig
 from amq_jax.quant._math import check_bits, quantize_jit
 
 __all__ = ["pack", "unpack", "packed_nbytes", "export_packed", "load_packed", "read_header",
@@ -81,8 +84,8 @@ def unpack(buf, bits: int, count: int, signed: bool) -> np.ndarray:
   return u.astype(np.int32)
 
 
-def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str):
-  qt = quantize_jit(w, bits=bits, symmetric=symmetric, axis=-1, scale_method=scale_method)
+def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str, axis: int = -1):
+  qt = quantize_jit(w, bits=bits, symmetric=symmetric, axis=axis, scale_method=scale_method)
   q = np.asarray(qt.q)
   if symmetric and bits == 1:
     q = (q > 0).astype(np.int32)  # binary: store the sign bit, +1 -> 1, -1 -> 0
@@ -93,27 +96,34 @@ def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str):
           np.asarray(qt.zero_point, np.float32).ravel())
 
 
-def export_packed(params, bits_cfg, path: str | os.PathLike, *, symmetric: bool = True,
-                  scale_method: str = "minmax") -> dict:
-  """Writes ``params`` to one file with every configured kernel packed at its bit width.
+def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
+                  symmetric: bool = True, scale_method: str = "minmax") -> dict:
+  """Writes ``params`` to one file with every configured layer's weight packed at its width.
 
-  Kernels in ``bits_cfg`` are quantized per output channel (``axis=-1``) exactly as
-  :func:`amq_jax.quant.fake_quant` does; all other leaves are stored as float32.
+  Weights in ``bits_cfg`` are quantized per output channel exactly as
+  :func:`amq_jax.quant.quantize_params` does; all other leaves are stored as float32.
 
   Args:
-    params: the 'params' pytree (nested dicts).
-    bits_cfg: a ``BitConfig`` or mapping ``{layer_path: {'w': bits, ...} | bits}``.
+    params: the params pytree (any structure: nested dicts, an Equinox module, ...).
+    bits_cfg: a ``BitConfig`` or mapping ``{layer: {'w': bits, ...} | bits}``.
     path: output file (the ``.amq`` format of the module docstring).
+    layers: the model's ``adapters.Layers`` (each layer's weight leaf and channel axis);
+      without it, leaves named ``kernel`` with the output channel last.
     symmetric, scale_method: as in :func:`amq_jax.quant.quantize`.
 
   Returns:
     ``{'file_bytes', 'header_bytes', 'payload_bytes'}``.
   """
-  cfg = as_bit_config(bits_cfg)
+  from amq_jax.quant._apply import check_config, quantizable_layers
+
   flat = _paths.flatten(params)
-  kernels = {_paths.layer_of(p): p for p in _paths.quantizable_paths(params)}
-  cfg.validate(list(kernels))
-  wanted = {kernels[l]: cfg[l]["w"] for l in cfg.layers if cfg[l].get("w") is not None}
+  if layers is None:
+    cfg = check_config(bits_cfg, quantizable_layers(params))
+    wanted = {l + "/kernel": (l, cfg[l]["w"], -1) for l in cfg.layers if cfg[l]["w"] is not None}
+  else:
+    cfg = check_config(bits_cfg, layers)
+    wanted = {layers[l].param: (l, cfg[l]["w"], layers[l].channel_axis)
+              for l in cfg.layers if cfg[l]["w"] is not None}
   entries, chunks, offset = [], [], 0
 
   def add(buf: bytes):
@@ -126,9 +136,10 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, symmetric: bool 
     v = np.asarray(jax.device_get(v))
     e: dict[str, Any] = {"path": p, "shape": list(v.shape), "dtype": str(v.dtype)}
     if p in wanted:
-      b = wanted[p]
-      q, signed, scale, zp = _kernel_levels(v, b, symmetric, scale_method)
-      e.update(kind="quant", bits=b, signed=signed, symmetric=symmetric,
+      layer, b, axis = wanted[p]
+      q, signed, scale, zp = _kernel_levels(v, b, symmetric, scale_method, axis)
+      e.update(kind="quant", layer=layer, axis=int(axis), bits=b, signed=signed,
+               symmetric=symmetric,
                levels=add(pack(q, b, signed=signed).tobytes()),
                scale=add(scale.tobytes()))
       if not symmetric:
@@ -181,10 +192,17 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
   return header, len(MAGIC) + 8 + n
 
 
-def load_packed(path: str | os.PathLike, *, return_config: bool = False):
-  """Reads an :func:`export_packed` file back: dequantized float32 params (nested dicts).
+def load_packed(path: str | os.PathLike, *, return_config: bool = False, like=None):
+  """Reads an :func:`export_packed` file back: dequantized float32 params.
 
-  With ``return_config=True`` returns ``(params, BitConfig)`` (weight bits of packed layers).
+  Args:
+    path: the ``.amq`` file.
+    return_config: also return the ``BitConfig`` of the packed layers (weight bits).
+    like: a params pytree of the model (e.g. an Equinox module's ``params``): the result
+      takes its structure. Without it, nested dicts keyed by the path components.
+
+  Returns:
+    ``params`` or ``(params, BitConfig)``.
   """
   header, start = read_header(path)
   with open(path, "rb") as f:
@@ -206,13 +224,27 @@ def load_packed(path: str | os.PathLike, *, return_config: bool = False):
         q = unpack(get(e["levels"], np.uint8), b, n, e["signed"]).reshape(shape)
         if e["symmetric"] and b == 1:
           q = 2 * q - 1
-        scale = get(e["scale"])
-        zp = get(e["zero_point"]) if "zero_point" in e else np.zeros_like(scale)
+        # One scale per output channel, on the weight's own axis (-1 in files before 'axis').
+        per_channel = [1] * len(shape)
+        if per_channel:
+          per_channel[int(e.get("axis", -1))] = -1
+        scale = get(e["scale"]).reshape(per_channel)
+        zp = (get(e["zero_point"]).reshape(per_channel) if "zero_point" in e
+              else np.zeros_like(scale))
         flat[e["path"]] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
-        bits[_paths.layer_of(e["path"])] = {"w": b, "a": None}
+        bits[e.get("layer", _paths.layer_of(e["path"]))] = {"w": b, "a": None}
       else:
         flat[e["path"]] = get(e["data"]).reshape(shape).copy()
     except (KeyError, TypeError, ValueError, IndexError) as err:
       raise _damaged(path, f"header entry {i} is malformed ({type(err).__name__}: {err})") from None
-  params = _paths.unflatten(flat)
+  if like is None:
+    params = _paths.unflatten(flat)
+  else:
+    want = _paths.flatten(like)
+    if set(want) != set(flat):
+      raise LayerError(f"{path} does not hold the parameters of this model: missing "
+                       f"{sorted(set(want) - set(flat))[:5]}, extra "
+                       f"{sorted(set(flat) - set(want))[:5]}; load it with the model it "
+                       "was exported from")
+    params = _paths.merge(like, flat)
   return (params, BitConfig(bits)) if return_config else params
