@@ -3,8 +3,9 @@
 Size convention (the same as ``amq_jax.quant.export_packed``'s payload):
 
 * a quantized kernel of ``n`` weights at ``b`` bits costs ``ceil(n * b / 8)`` bytes, plus
-  one float32 scale per output channel (``C_out = kernel.shape[-1]``), plus one float32
-  zero-point per channel when asymmetric;
+  one float32 scale per output channel (``C_out = kernel.shape[channel_axis]``: the last
+  axis for Linen kernels, the layer table's axis with ``layers=``, e.g. 0 for Equinox),
+  plus one float32 zero-point per channel when asymmetric;
 * every other parameter (BatchNorm, biases, kernels of layers not in the configuration) is
   float32 (4 bytes); BatchNorm running statistics are not ``params`` and are not counted;
 * MB means 10^6 bytes (as papers report model sizes), never MiB.
@@ -125,48 +126,75 @@ def _w_bits(config) -> dict[str, int]:
   return out
 
 
-def model_size_bytes(params, config=None, *, symmetric: bool = True) -> int:
+def _quantized(params, config, layers) -> dict[str, tuple[int, int]]:
+  """``{weight path: (w_bits, channel axis)}`` of ``config``'s layers."""
+  wb = _w_bits(config)
+  if layers is not None:  # an adapters.Layers table: names or weight paths as keys
+    valid = list(layers)
+    out, unknown = {}, []
+    for k, b in wb.items():
+      try:
+        l = layers[k]
+      except ValueError:
+        unknown.append(k)
+        continue
+      out[l.param] = (b, l.channel_axis)
+  else:
+    flat = _paths.flatten(params)
+    kernels = {_layer(p): p for p, v in flat.items()
+               if p.rsplit("/", 1)[-1] == "kernel" and getattr(v, "ndim", 0) >= 2}
+    valid = list(kernels)
+    unknown = [l for l in wb if l not in kernels]
+    out = {kernels[l]: (b, -1) for l, b in wb.items() if l in kernels}
+  if unknown:
+    from amq_jax.errors import BitsError
+    raise BitsError(f"unknown layer paths {sorted(unknown)}; valid layer paths: {valid}")
+  return out
+
+
+def model_size_bytes(params, config=None, *, symmetric: bool = True, layers=None) -> int:
   """Bytes to store ``params`` with ``config``'s weight widths (module docstring convention).
 
-  Equals the payload of ``amq_jax.quant.export_packed(params, config, path, symmetric=...)``.
+  Equals the payload of ``amq_jax.quant.export_packed(params, config, path, layers=...,
+  symmetric=...)``.
 
   Args:
     params: a params pytree. config: ``{layer_path: bits | {'w': bits, 'a': ...}}`` (None:
       everything float32). symmetric: asymmetric adds one float32 zero-point per channel.
+    layers: the model's ``adapters.Layers``: each layer's weight leaf and output-channel
+      axis (any framework). Without it: leaves named ``kernel``, channels last.
   """
-  wb = _w_bits(config)
-  flat = _paths.flatten(params)
-  kernels = {_layer(p): p for p, v in flat.items()
-             if p.rsplit("/", 1)[-1] == "kernel" and getattr(v, "ndim", 0) >= 2}
-  unknown = sorted(set(wb) - set(kernels))
-  if unknown:
-    raise ValueError(f"unknown layer paths {unknown}; valid layer paths: {list(kernels)}")
-  quantized = {kernels[l]: b for l, b in wb.items()}
+  quantized = _quantized(params, config, layers)
   total = 0
-  for p, v in flat.items():
+  for p, v in _paths.flatten(params).items():
     n = int(np.prod(np.shape(v)))
     if p in quantized:
-      c = int(np.shape(v)[-1])
-      total += (n * quantized[p] + 7) // 8 + 4 * c * (1 if symmetric else 2)
+      b, axis = quantized[p]
+      c = int(np.shape(v)[axis])
+      total += (n * b + 7) // 8 + 4 * c * (1 if symmetric else 2)
     else:
       total += 4 * n
   return total
 
 
-def model_size_mb(params, config=None, *, symmetric: bool = True) -> float:
+def model_size_mb(params, config=None, *, symmetric: bool = True, layers=None) -> float:
   """:func:`model_size_bytes` in MB (10^6 bytes)."""
-  return model_size_bytes(params, config, symmetric=symmetric) / MB
+  return model_size_bytes(params, config, symmetric=symmetric, layers=layers) / MB
 
 
-def fixed_size_bytes(params, layers: Sequence[str], *, symmetric: bool = True) -> int:
+def fixed_size_bytes(params, layers, *, symmetric: bool = True) -> int:
   """Bytes that do not depend on the widths of ``layers``: everything else in float32 plus
   the per-channel scales (and zero-points) of ``layers``.
+
+  ``layers``: layer paths (Linen kernels), or an ``adapters.Layers`` table (all its layers,
+  each with its own weight leaf and channel axis; ``table.select(names)`` for a subset).
 
   So ``model_size_bytes(params, cfg) ~= fixed + sum_l n_l * b_l / 8`` (exact up to the
   per-layer rounding up to whole bytes, under 1 byte per layer).
   """
+  table = layers if hasattr(layers, "by_param") else None
   # At 0 bits model_size_bytes counts the scales and zero-points but no weight bytes.
-  return model_size_bytes(params, {l: 0 for l in layers}, symmetric=symmetric)
+  return model_size_bytes(params, {l: 0 for l in layers}, symmetric=symmetric, layers=table)
 
 
 def size_cost_table(param_counts: Sequence[int], bit_choices: Sequence[int]) -> np.ndarray:
