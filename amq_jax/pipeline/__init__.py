@@ -16,7 +16,7 @@ Stages as functions of data (any :class:`amq_jax.adapters.Model` and :class:`Tas
 from amq_jax.pipeline._commands import (Experiment, analyze, build, finetune,
                                         format_bits_table, report, run, search, train)
 from amq_jax.pipeline._stages import (ALL_METHODS, DEFAULT_METHODS, analyze_activations,
-                                      analyze_eigenvalues, analyze_traces, export_model,
+                                      analyze_eigenvalues, analyze_traces, auto_bits, export_model,
                                       finetune_bits, load_exported, search_bits,
                                       weight_problem)
 from amq_jax.pipeline._task import Task, classification_task, xent_train_loss
@@ -26,4 +26,4 @@ __all__ = ["train", "analyze", "search", "finetune", "run", "report", "build", "
            "Task", "classification_task", "xent_train_loss", "Workdir", "fingerprint",
            "analyze_traces", "analyze_eigenvalues", "analyze_activations", "search_bits",
            "finetune_bits", "export_model", "load_exported", "weight_problem",
-           "format_bits_table", "ALL_METHODS", "DEFAULT_METHODS"]
+           "format_bits_table", "auto_bits", "ALL_METHODS", "DEFAULT_METHODS"]

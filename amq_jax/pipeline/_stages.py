@@ -393,3 +393,53 @@ def load_exported(model: Model, path: str):
   if st.get("state"):
     state = flax.serialization.from_state_dict(model.state, st["state"])
   return params, state
+
+
+def auto_bits(model: Model, traces, *, budget: str = "avg:4",
+              bit_choices: Sequence[int] = (2, 3, 4, 8), pin_first_last: int | None = None,
+              act_bits: int | None = None, symmetric: bool = True):
+  """HAWQ-V2 bits for any adapted model, from Python: the least-Omega configuration within
+  ``budget`` on the exact frontier, pins on the first and last layers in EXECUTION order.
+
+  Args:
+    model: an :class:`amq_jax.adapters.Model` (Linen, NNX, Equinox or plain JAX).
+    traces: :func:`amq_jax.hessian.layer_traces`' result (keyed by weight path) or
+      ``{layer name or weight path: Tr/n}``.
+    budget: ``'avg:3'``, ``'0.5MB'``, ``'uniform:4'``, ``'bits:N'`` or ``'bops:1.2G'``.
+
+  Returns:
+    ``(BitConfig, info)``; info has ``size_mb``, ``avg_bits``, ``omega``, ``bits``.
+
+  >>> traces = hessian.layer_traces(loss_fn, model.params, batch, key=key,
+  ...                               wrt=model.layers.params_paths)
+  >>> bits, info = pipeline.auto_bits(model, traces, budget='avg:3', pin_first_last=8)
+  """
+  by_param = model.layers.by_param()
+  avg = {}
+  for k, v in dict(traces).items():
+    name = by_param[k].name if k in by_param else model.layers[k].name
+    avg[name] = float(getattr(v, "avg_trace", v))
+  if hasattr(hessian, "sensitivity_traces") and all(hasattr(v, "status") for v in
+                                                      dict(traces).values()):
+    sens = hessian.sensitivity_traces(traces).avg_traces
+    avg = {(by_param[k].name if k in by_param else k): float(v) for k, v in sens.items()}
+  missing = [l for l in model.layers.names if l not in avg]
+  if missing:
+    from amq_jax.errors import LayerError
+    raise LayerError(f"no trace for layers {missing}; measure every layer "
+                     "(wrt=model.layers.params_paths)")
+  names = model.layers.names
+  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers.params_paths,
+                        tuple(bit_choices), symmetric=symmetric)
+  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers.params_paths,
+                       symmetric=symmetric)
+  pb = alloc.Problem(names, model.layers.counts(), tuple(bit_choices), errors,
+                     avg_traces=avg, macs=model.layers.macs(), other_bits=act_bits,
+                     fixed_bytes=fixed, pinned=alloc.pins_first_last(names, pin_first_last))
+  bits = pb.select(budget)
+  cfg = quant.BitConfig({l: {"w": int(b), "a": act_bits} for l, b in zip(names, bits)})
+  rec = pb.record(bits)
+  return cfg, {"size_mb": _with_layers(alloc.model_size_mb, model, model.params, cfg.to_dict(),
+                                       symmetric=symmetric),
+               "avg_bits": rec["avg_bits"], "omega": rec["omega"].get("hawq_v2"),
+               "bits": dict(zip(names, map(int, bits)))}
