@@ -41,10 +41,27 @@ def _value(v) -> float:
   return float(np.asarray(v).reshape(()))
 
 
-def _per_layer(values, layers: Sequence[str], name: str) -> np.ndarray:
-  """``values`` (mapping keyed by layer or kernel path, or a sequence in layer order)."""
+def _names(layers) -> tuple[list[str], Any]:
+  """Layer names, and the ``adapters.Layers`` table when one was given (else None)."""
+  if hasattr(layers, "by_param"):
+    return list(layers), layers
+  return [_layer(l) for l in layers], None
+
+
+def _key(k, table) -> str:
+  """A layer name from a layer name or weight path ('fc/weight' -> 'fc' with a table)."""
+  if table is not None:
+    try:
+      return table[k].name
+    except ValueError:
+      pass
+  return _layer(k)
+
+
+def _per_layer(values, layers: Sequence[str], name: str, table=None) -> np.ndarray:
+  """``values`` (mapping keyed by layer or weight path, or a sequence in layer order)."""
   if isinstance(values, Mapping):
-    d = {_layer(k): v for k, v in values.items()}
+    d = {_key(k, table): v for k, v in values.items()}
     missing = [l for l in layers if l not in d]
     if missing:
       raise ValueError(f"{name} missing for layers {missing}; given for {sorted(d)}")
@@ -55,7 +72,13 @@ def _per_layer(values, layers: Sequence[str], name: str) -> np.ndarray:
   return arr
 
 
-def _kernels(params, layers: Sequence[str]) -> dict[str, Any]:
+def _kernels(params, layers: Sequence[str], table=None) -> dict[str, Any]:
+  if table is not None:
+    flat = _paths.flatten(params)
+    missing = [l for l in layers if table[l].param not in flat]
+    if missing:
+      raise ValueError(f"the weights of layers {missing} are not in the params")
+    return {l: flat[table[l].param] for l in layers}
   by_layer = {}
   for p, v in _paths.flatten(params).items():
     if p == "kernel" or p.endswith("/kernel"):
@@ -73,17 +96,22 @@ def quant_errors(params, layers: Sequence[str], bit_choices: Sequence[int] = (2,
   """``[L, B]`` squared quantization errors ``||Q_b(W_l) - W_l||^2`` (float64 on host).
 
   Args:
-    params: params pytree (or a flat ``{path: kernel}``). layers: layer or kernel paths.
+    params: params pytree (or a flat ``{path: kernel}``).
+    layers: layer or kernel paths (Linen kernels, channels last), or the model's
+      ``adapters.Layers`` table: each layer's weight leaf, and its own channel axis for
+      the per-channel quantizer (``axis=-1`` then means "the layer's output channel").
     bit_choices: widths. symmetric, axis, scale_method: the quantizer (see ``amq_jax.quant``).
   """
   from amq_jax.quant._math import quant_error_jit  # the array math only (JAX, no Flax use)
   import jax
 
-  layers = [_layer(l) for l in layers]
-  ks = _kernels(params, layers)
+  layers, table = _names(layers)
+  ks = _kernels(params, layers, table)
+  axes = {l: table[l].channel_axis if table is not None and axis == -1 else axis
+          for l in layers}
   out = np.zeros((len(layers), len(bit_choices)), np.float64)
   for j, b in enumerate(bit_choices):
-    errs = jax.device_get([quant_error_jit(ks[l], bits=int(b), symmetric=symmetric, axis=axis,
+    errs = jax.device_get([quant_error_jit(ks[l], bits=int(b), symmetric=symmetric, axis=axes[l],
                                            scale_method=scale_method) for l in layers])
     out[:, j] = np.asarray(errs, np.float64)
   return out
@@ -106,7 +134,9 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
 
   Args:
     params: params pytree (kernels read from it; param counts n_l = kernel sizes).
-    layers: layer or kernel paths (rows, in this order).
+    layers: layer or kernel paths (rows, in this order), or the model's ``adapters.Layers``
+      (rows in execution order; weights and channel axes from the table, and trace or
+      eigenvalue mappings may be keyed by weight path, e.g. ``layer_traces``' output).
     bit_choices: widths (columns).
     avg_traces: ``{path: Tr(H_l)/n_l}`` (floats or ``hessian.TraceEstimate``, whose
       ``avg_trace`` is used) or a sequence in layer order; required for 'hawq_v2'.
@@ -118,12 +148,13 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
   Returns:
     ``(layers, bit_choices, Omega)``: normalized layer paths, the widths, float64 ``[L, B]``.
   """
-  layers = [_layer(l) for l in layers]
+  layers, table = _names(layers)
   bits = tuple(int(b) for b in bit_choices)
   if method not in ("hawq_v2", "weight_norm", "hawq_v1"):
     raise ValueError(f"method must be 'hawq_v2', 'weight_norm' or 'hawq_v1', got {method!r}")
   if errors is None:
-    errors = quant_errors(params, layers, bits, symmetric=symmetric, axis=axis,
+    errors = quant_errors(params, layers if table is None else table, bits,
+                          symmetric=symmetric, axis=axis,
                           scale_method=scale_method)
   errors = np.asarray(errors, np.float64)
   if errors.shape != (len(layers), len(bits)):
@@ -133,8 +164,9 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
   if method == "hawq_v2":
     if avg_traces is None:
       raise ValueError("method='hawq_v2' needs avg_traces (Tr(H_l) / n_l per layer)")
-    return layers, bits, omega_from(_per_layer(avg_traces, layers, "avg_traces"), errors)
+    return layers, bits, omega_from(_per_layer(avg_traces, layers, "avg_traces", table),
+                                    errors)
   if top_eigs is None:
     raise ValueError("method='hawq_v1' needs top_eigs (top Hessian eigenvalue per layer)")
-  n = np.array([np.size(k) for k in _kernels(params, layers).values()], np.float64)
-  return layers, bits, omega_from(_per_layer(top_eigs, layers, "top_eigs") / n, errors)
+  n = np.array([np.size(k) for k in _kernels(params, layers, table).values()], np.float64)
+  return layers, bits, omega_from(_per_layer(top_eigs, layers, "top_eigs", table) / n, errors)
