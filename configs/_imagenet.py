@@ -35,23 +35,23 @@ def imagenet_config(model: str, image_size: int, base_lr: float, variant: str = 
   c.preprocess = "imagenet"
   c.worker_count = 8
   c.pretrained = ""
-  c.augment = False              # augmentation is part of the TFDS preprocessing
-  c.batch_size = 256             # global batch; a multiple of the device count
-  c.eval_batch_size = 500
-  c.num_epochs = 90
-  c.learning_rate = base_lr * c.batch_size / 256
-  c.weight_decay = 1e-4
-  c.warmup_steps = 5 * 5000
-  c.checkpoint_every_steps = 2000
-  c.log_every_steps = 100
+  # Optimization sections, same fields as every config (see resnet20_fmnist.py): train is
+  # the 90-epoch SGD schedule with the learning rate scaled by batch / 256; fine-tuning
+  # uses the same batch and periods, no augmentation, and its own rate and epochs.
+  bs = 256                       # global batch; a multiple of the device count
+  c.train.update(dict(
+      learning_rate=base_lr * bs / 256, weight_decay=1e-4, warmup_steps=5 * 5000,
+      batch_size=bs, num_epochs=90.0,
+      augment=False,             # augmentation is part of the TFDS preprocessing
+      checkpoint_every_steps=2000, log_every_steps=100, eval_batch_size=500))
   c.hessian.num_examples = 1024
   c.hessian.batch_size = 128
   c.hessian.max_probes = 50
   c.hessian.rtol = 0.05
   c.hessian.eig_layers = ()
   c.search.budget = "avg:4"
-  c.finetune.num_epochs = 10
-  c.finetune.learning_rate = 1e-3 * c.batch_size / 256
-  c.finetune.batch_size = c.batch_size
-  c.finetune.calib_examples = 1024
+  c.finetune.update(dict(
+      learning_rate=1e-3 * bs / 256, batch_size=bs, num_epochs=10.0, augment=False,
+      checkpoint_every_steps=2000, log_every_steps=100, eval_batch_size=500,
+      calib_examples=1024))
   return c

@@ -20,20 +20,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Shipped FP32 checkpoint (amq_jax/assets/<name>.msgpack) used when the workdir has none.
   c.pretrained = "resnet20_fmnist"
   c.seed = 0
-
-  # FP32 training (reproduces the shipped checkpoint).
-  c.optimizer = "sgd"
-  c.batch_size = 128
-  c.num_epochs = 10
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.warmup_steps = 200
-  c.augment = True
-  c.eval_batch_size = 1000
-  c.checkpoint_every_steps = 200
-  c.log_every_steps = 50
   c.progress = True
+
+  # Optimization: one shape in every config. `c.train` (FP32 training) and `c.finetune`
+  # (quantization-aware fine-tuning) have the same fields, read by amq_jax.train.fit and
+  # make_optimizer: optimizer ('sgd' = Nesterov momentum, or 'adam'), learning_rate,
+  # momentum, weight_decay (kernels only), warmup_steps, final_lr_fraction (end of the
+  # cosine decay), clip_grad_norm (0/None = off), batch_size (global), num_epochs or
+  # num_steps (one set, the other None; num_steps wins), augment, checkpoint_every_steps,
+  # log_every_steps, eval_batch_size. `c.finetune` adds calib_examples, calib_method and
+  # seeds (the fine-tuning seeds). Override as --config.train.learning_rate=0.05.
+  c.train = ml_collections.ConfigDict(dict(  # reproduces the shipped checkpoint
+      optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4, warmup_steps=200,
+      final_lr_fraction=0.0, clip_grad_norm=None, batch_size=128, num_epochs=10.0,
+      num_steps=None, augment=True, checkpoint_every_steps=200, log_every_steps=50,
+      eval_batch_size=1000))
 
   # Stage 'analyze': Hessian traces and eigenvalues on the first training images.
   c.hessian = ml_collections.ConfigDict()
@@ -66,27 +67,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.num_random = 3
 
   # Stage 'finetune': quantization-aware training from the FP32 model.
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.num_epochs = 1.0
-  c.finetune.learning_rate = 0.01
-  c.finetune.warmup_steps = 0
-  c.finetune.weight_decay = 1e-4
-  c.finetune.batch_size = 128
-  c.finetune.calib_examples = 512
-  c.finetune.calib_method = "percentile"
+  c.finetune = ml_collections.ConfigDict(dict(
+      optimizer="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-4, warmup_steps=0,
+      final_lr_fraction=0.0, clip_grad_norm=None, batch_size=128, num_epochs=1.0,
+      num_steps=None, augment=True, checkpoint_every_steps=200, log_every_steps=50,
+      eval_batch_size=1000,
+      calib_examples=512, calib_method="percentile", seeds=(0,)))
 
   if variant == "tiny":
     c.model = "resnet_tiny"
     c.pretrained = ""
     c.train_limit = 512
     c.test_limit = 256
-    c.batch_size = 64
-    c.num_epochs = 2
-    c.warmup_steps = 0
-    c.learning_rate = 0.05
-    c.checkpoint_every_steps = 4
-    c.log_every_steps = 4
-    c.eval_batch_size = 128
+    c.train.update(dict(batch_size=64, num_epochs=2.0, warmup_steps=0, learning_rate=0.05,
+                        checkpoint_every_steps=4, log_every_steps=4, eval_batch_size=128))
     c.hessian.num_examples = 128
     c.hessian.batch_size = 64
     c.hessian.rtol = 0.2
@@ -96,9 +90,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.hessian.spectrum_iters = 12
     c.hessian.eig_k = 4
     c.hessian.eig_layers = ("stage1_block1/conv1",)
-    c.finetune.num_epochs = 1.0
-    c.finetune.batch_size = 64
-    c.finetune.calib_examples = 64
+    c.finetune.update(dict(batch_size=64, num_epochs=1.0, calib_examples=64,
+                           checkpoint_every_steps=4, log_every_steps=4, eval_batch_size=128))
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of resnet20_fmnist; use '' or 'tiny'")
   return c

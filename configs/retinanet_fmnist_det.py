@@ -20,7 +20,7 @@ budget: ``act_budget`` is the activation memory ``sum_l elems_l * a_l``, where `
 is layer l's input size per example; ``'uniform:6'`` = the memory of the uniform 6-bit
 baseline, first and last layers at ``pin_first_last`` bits in every configuration;
 ``'avg:6.2'`` = an average of 6.2 bits weighted by ``elems_l``; ``'bits:N'``),
-``finetune`` (QAT steps and learning rate, the same for both methods) and ``seeds``.
+``finetune`` (QAT steps and learning rate, the same for both methods, and ``seeds``).
 Measured (2 shared cores, 6.5 min end to end; FP32 mAP 0.493): at 'uniform:6' with (4, 6, 8)
 HAWQ-V2 picks uniform 6 itself (mAP 0.493 +- 0.002); with (4, 5, 6, 7, 8) it lowers Omega_act
 by 12% but gets mAP 0.489 +- 0.000 vs 0.493 +- 0.002; at 'uniform:4' with (3, 4, 5, 6, 8):
@@ -41,22 +41,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.max_objects = 4
   c.train_images = 4096
   c.test_images = 512
-  c.flip = True
   c.anchor_scale = 3.0
   c.seed = 0
+  c.progress = True
 
-  c.optimizer = "adam"
-  c.learning_rate = 2e-3
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.warmup_steps = 50
-  c.final_lr_fraction = 0.05
-  c.clip_grad_norm = 10.0
-  c.batch_size = 32
-  c.num_steps = 1500
-  c.eval_batch_size = 128
-  c.checkpoint_every_steps = 250
-  c.log_every_steps = 50
+  # Optimization: the same section shape as every config. `c.train` (FP32 training) and
+  # `c.finetune` (QAT) have the fields optimizer ('sgd' | 'adam'), learning_rate, momentum,
+  # weight_decay (kernels only), warmup_steps, final_lr_fraction (end of the cosine decay),
+  # clip_grad_norm (0/None = off), batch_size (global), num_epochs or num_steps (one set,
+  # the other None; num_steps wins), augment (here: horizontal flips), checkpoint_every_steps,
+  # log_every_steps, eval_batch_size; `c.finetune` adds calib_examples, calib_method and
+  # seeds (fine-tuning seeds, i.e. data orders, of each method).
+  c.train = ml_collections.ConfigDict(dict(
+      optimizer="adam", learning_rate=2e-3, momentum=0.9, weight_decay=0.0, warmup_steps=50,
+      final_lr_fraction=0.05, clip_grad_norm=10.0, batch_size=32, num_epochs=None,
+      num_steps=1500, augment=True, checkpoint_every_steps=250, log_every_steps=50,
+      eval_batch_size=128))
 
   c.loss = ml_collections.ConfigDict(dict(alpha=0.25, gamma=2.0, beta=0.1,
                                           box_loss="smooth_l1", box_weight=1.0))
@@ -65,7 +65,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # amq-jax run (amq_jax.detection.run_detection): activation mixed precision, end to end.
   c.task = "detection"
-  c.seeds = (0, 1, 2)  # fine-tuning seeds (data order) of each method
   c.hessian = ml_collections.ConfigDict(dict(
       seed=0, num_examples=32, batch_size=32,  # weight traces: one batch of 32 train images
       estimator="per_layer", rtol=0.15, min_probes=4, max_probes=8,
@@ -75,24 +74,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       bit_choices=(2, 3, 4, 8), budget="uniform:4", pin_first_last=8, symmetric=True,
       act_bit_choices=(4, 6, 8), act_budget="uniform:6", act_pin_first_last=8))
   c.finetune = ml_collections.ConfigDict(dict(
-      num_steps=300, batch_size=32, learning_rate=2e-4, warmup_steps=20, weight_decay=0.0,
-      calib_examples=256, calib_method="minmax", checkpoint_every_steps=100,
-      log_every_steps=100))
+      optimizer="adam", learning_rate=2e-4, momentum=0.9, weight_decay=0.0, warmup_steps=20,
+      final_lr_fraction=0.05, clip_grad_norm=10.0, batch_size=32, num_epochs=None,
+      num_steps=300, augment=True, checkpoint_every_steps=100, log_every_steps=100,
+      eval_batch_size=128,
+      calib_examples=256, calib_method="minmax", seeds=(0, 1, 2)))
 
   if variant == "tiny":
     c.train_images = 64
     c.test_images = 16
-    c.batch_size = 8
-    c.num_steps = 6
-    c.warmup_steps = 0
-    c.checkpoint_every_steps = 3
-    c.log_every_steps = 3
-    c.eval_batch_size = 16
-    c.seeds = (0,)
+    c.train.update(dict(batch_size=8, num_steps=6, warmup_steps=0, checkpoint_every_steps=3,
+                        log_every_steps=3, eval_batch_size=16))
     c.hessian.update(dict(num_examples=8, batch_size=8, min_probes=2, max_probes=2,
                           act_examples=8, act_probes=2, calib_examples=16))
     c.finetune.update(dict(num_steps=3, batch_size=8, warmup_steps=0, calib_examples=16,
-                           checkpoint_every_steps=2, log_every_steps=3))
+                           checkpoint_every_steps=2, log_every_steps=3, eval_batch_size=16,
+                           seeds=(0,)))
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of retinanet_fmnist_det; use '' or 'tiny'")
   return c

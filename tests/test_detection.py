@@ -1,6 +1,7 @@
 """RetinaNet building blocks against hand computations and NumPy references."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -482,18 +483,46 @@ def test_train_steps_lower_loss_and_hessian_loss_fn(tiny, det_data):
 
 
 def test_train_detector_end_to_end_with_resume(tmp_path):
+  """train_detector is the shared loop (train.fit) with the detection loss and source."""
   import configs.retinanet_fmnist_det as cfgmod
   c = cfgmod.get_config("tiny")
   # One device: 8 simulated devices on 2 cores make each step ~30x slower (sharded
-  # steps are covered by tests/test_train.py's loop, which this one mirrors).
+  # steps are covered by tests/test_train.py).
   mesh = data_mesh(jax.devices()[:1])
-  state, res = detection.train_detector(c, str(tmp_path), log=None, mesh=mesh)
-  assert int(state.step) == c.num_steps and np.isfinite(res["final_loss"])
+  state, res = detection.train_detector(c, str(tmp_path), progress=False, mesh=mesh)
+  assert int(state.step) == c.train.num_steps and np.isfinite(res["final_loss"])
   assert 0.0 <= res["test_mAP"] <= res["test_mAP50"] <= 1.0
-  assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == str(c.num_steps)
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == str(c.train.num_steps)
+  logged = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in logged] == [3, 6] and all("train_cls" in r for r in logged)
   # A second call restores the last checkpoint (nothing left to train).
-  state2, res2 = detection.train_detector(c, str(tmp_path), log=None, mesh=mesh)
-  assert int(state2.step) == c.num_steps
+  state2, res2 = detection.train_detector(c, str(tmp_path), progress=False, mesh=mesh)
+  assert int(state2.step) == c.train.num_steps
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state2.params)):
     np.testing.assert_array_equal(a, b)
   assert res2["test_mAP"] == res["test_mAP"]
+
+
+def test_detection_source_order_and_flips(det_data):
+  """The source fit reads: (seed, epoch) fixes the order, start resumes mid-epoch, and
+  augment flips images with their boxes."""
+  from amq_jax.detection._data import DetectionSource
+  train, _ = det_data
+  src = DetectionSource(train, augment=True)
+  assert src.steps_per_epoch(8) == 8 and src.image_hw == (96, 96)
+  full = list(src.train_batches(8, seed=1, epoch=2))
+  tail = list(src.train_batches(8, seed=1, epoch=2, start=5))
+  for a, b in zip(full[5:], tail):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  plain = list(DetectionSource(train).train_batches(8, seed=1, epoch=2))
+  flipped = [not np.array_equal(a["image"], b["image"]) for a, b in zip(full, plain)]
+  assert any(flipped)
+  i = flipped.index(True)
+  row = next(j for j in range(8) if not np.array_equal(full[i]["image"][j],
+                                                         plain[i]["image"][j]))
+  np.testing.assert_array_equal(full[i]["image"][row], plain[i]["image"][row][:, ::-1])
+  real = plain[i]["classes"][row] >= 0
+  np.testing.assert_allclose(full[i]["boxes"][row][real][:, 1],
+                             96 - plain[i]["boxes"][row][real][:, 3])
+  ev = list(src.eval_batches(24))
+  assert [len(b["image"]) for b in ev] == [24, 24, 16]

@@ -215,7 +215,8 @@ def coco_example(example: dict, *, image_size: int = 640, max_gt: int = 100,
 def coco_batches(source, batch_size: int, *, image_size: int = 640, max_gt: int = 100,
                  train: bool = False, seed: int = 0, epoch: int = 0, start: int = 0,
                  process_index: int = 0, process_count: int = 1,
-                 limit: int | None = None, drop_remainder: bool = True) -> Iterator[dict]:
+                 limit: int | None = None, drop_remainder: bool = True,
+                 flip: bool | None = None) -> Iterator[dict]:
   """Batches from a random-access source of ``coco/2017``-layout examples.
 
   Args:
@@ -225,6 +226,7 @@ def coco_batches(source, batch_size: int, *, image_size: int = 640, max_gt: int 
       and flip at random. start: batches to skip. process_index, process_count: every
       process reads its own strided share. limit: use only the first ``limit`` examples.
     drop_remainder: skip a last partial batch (keep it for evaluation).
+    flip: mirror images at random (default: ``train``).
 
   Yields:
     ``{'image' [B, S, S, 3], 'boxes' [B, max_gt, 4], 'classes' [B, max_gt]}``.
@@ -232,14 +234,15 @@ def coco_batches(source, batch_size: int, *, image_size: int = 640, max_gt: int 
   n = len(source) if limit is None else min(limit, len(source))
   order = (np.random.default_rng([seed, epoch]).permutation(n) if train else np.arange(n))
   order = order[process_index::process_count]
+  flip = train if flip is None else flip
   stop = len(order) - batch_size + 1 if drop_remainder else len(order)
   for b, lo in enumerate(range(0, stop, batch_size)):
     if b < start:
       continue
     exs = []
     for i in order[lo:lo + batch_size]:
-      flip = bool(np.random.default_rng([seed, epoch, int(i)]).random() < 0.5) if train else False
-      exs.append(coco_example(source[int(i)], image_size=image_size, max_gt=max_gt, flip=flip))
+      f = bool(np.random.default_rng([seed, epoch, int(i)]).random() < 0.5) if flip else False
+      exs.append(coco_example(source[int(i)], image_size=image_size, max_gt=max_gt, flip=f))
     yield {k: np.stack([e[k] for e in exs]) for k in exs[0]}
 
 
@@ -247,3 +250,78 @@ def open_coco(split: str, *, data_dir=None, name: str = "coco/2017"):
   """``(source, info)`` of a prepared TFDS COCO split (see ``tfds_reader.open_source``)."""
   from amq_jax.data import tfds_reader
   return tfds_reader.open_source(name, split, data_dir=data_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Batch sources for the training loop (amq_jax.train.fit)
+# --------------------------------------------------------------------------------------
+class DetectionSource:
+  """A :class:`DetectionSet` as a batch source of :func:`amq_jax.train.fit`.
+
+  ``train_batches`` are shuffled by ``(seed, epoch)`` and, with ``augment``, flipped
+  left-right at random (boxes follow); ``eval_batches`` keep every image once, in order.
+  """
+  process_local = False  # every process holds the whole set; fit keeps its slice
+
+  def __init__(self, ds: DetectionSet, *, augment: bool = False):
+    self.ds, self.augment = ds, bool(augment)
+    self.num_examples = len(ds.images)
+    self.image_hw = tuple(ds.images.shape[1:3])
+
+  def __repr__(self):
+    return (f"DetectionSource({self.num_examples} images {self.image_hw}, "
+            f"augment={self.augment})")
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return num_batches(self.ds, batch_size)
+
+  def train_batches(self, batch_size: int, *, seed: int, epoch: int,
+                    start: int = 0) -> Iterator[dict]:
+    return detection_batches(self.ds, batch_size, seed=seed, epoch=epoch, start=start,
+                             flip=self.augment)
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict]:
+    return detection_batches(self.ds, batch_size, seed=None, drop_remainder=False)
+
+
+class CocoSource:
+  """A prepared TFDS ``coco/2017`` split as a batch source of :func:`amq_jax.train.fit`.
+
+  Process-local: with several processes each one decodes only its strided share of the
+  examples and yields ``batch_size / process_count`` of every global batch.
+  """
+  process_local = True
+
+  def __init__(self, split: str, *, data_dir=None, image_size: int = 640, max_gt: int = 100,
+               limit: int | None = None, augment: bool = True, name: str = "coco/2017"):
+    self.source, _ = open_coco(split, data_dir=data_dir, name=name)
+    self.split, self.image_size, self.max_gt = split, int(image_size), int(max_gt)
+    self.limit, self.augment = limit, bool(augment)
+    self.num_examples = min(limit, len(self.source)) if limit else len(self.source)
+    self.image_hw = (self.image_size, self.image_size)
+
+  def __repr__(self):
+    return f"CocoSource({self.split!r}, {self.num_examples} images, {self.image_size}px)"
+
+  def _procs(self, batch_size: int):
+    import jax
+    pc = jax.process_count()
+    if batch_size % pc:
+      raise ValueError(f"batch size {batch_size} is not divisible by the {pc} processes")
+    return jax.process_index(), pc
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    _, pc = self._procs(batch_size)
+    return (self.num_examples // pc) // (batch_size // pc)
+
+  def train_batches(self, batch_size: int, *, seed: int, epoch: int,
+                    start: int = 0) -> Iterator[dict]:
+    pi, pc = self._procs(batch_size)
+    return coco_batches(self.source, batch_size // pc, image_size=self.image_size,
+                        max_gt=self.max_gt, train=True, flip=self.augment, seed=seed,
+                        epoch=epoch, start=start, process_index=pi, process_count=pc,
+                        limit=self.limit)
+
+  def eval_batches(self, batch_size: int) -> Iterator[dict]:
+    return coco_batches(self.source, batch_size, image_size=self.image_size,
+                        max_gt=self.max_gt, limit=self.limit, drop_remainder=False)

@@ -1,14 +1,21 @@
-"""Training and evaluating RetinaNet: jitted steps, COCO mAP, Orbax resume, loss for Hessians.
+"""Training and evaluating RetinaNet through the shared loop: losses, sources, COCO mAP.
 
-The step mirrors :func:`amq_jax.train.make_train_step` (the same :class:`TrainState`,
-optimizer factory and data-parallel placement) with the detection loss: anchors are a
-constant of the image size, targets are assigned inside the jitted step from the padded
-ground truth, so the host only ships images and boxes.
+Detection brings only what is its own to :func:`amq_jax.train.fit`: the training loss
+(:func:`detection_train_loss`: focal + box loss, targets assigned inside the jitted step from
+the padded ground truth, anchors a constant of the image size), the batch sources
+(:class:`DetectionSource`, :class:`CocoSource`) and the evaluator (:func:`evaluate_map`).
+:func:`train_detector` is the FP32 stage of a detection config put together from them:
+
+>>> model = build_detector(config)
+>>> train_src, test_src = detection_sources(config)
+>>> anchors = anchors_for(model, train_src.image_hw, anchor_scale=config.anchor_scale)
+>>> loss_fn = detection_train_loss(detector_apply_fn(model), anchors, **loss_kwargs(config))
+>>> ts, res = train.fit(loss_fn, params, {'batch_stats': stats}, train_src, config.train,
+...                     workdir=w, seed=config.seed)
+>>> evaluate_map(model, ts.variables, test_src, anchors=anchors)['mAP']
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -19,17 +26,21 @@ import numpy as np
 import optax
 
 from amq_jax import models
+from amq_jax._sharding import data_mesh, process_slice, shard_batch
 from amq_jax.detection import _data
 from amq_jax.detection._anchors import AnchorConfig, generate_anchors
 from amq_jax.detection._coco_eval import coco_evaluate
+from amq_jax.detection._data import CocoSource, DetectionSource
 from amq_jax.detection._losses import detection_loss, per_example_detection_loss
 from amq_jax.detection._nms import batched_postprocess
-from amq_jax.train import (Checkpointer, TrainState, create_state, data_mesh, make_optimizer,
-                           replicate, shard_batch)
+from amq_jax.errors import ConfigError
+from amq_jax.train import TrainState, fit, linen_apply_fn, make_step, read_section
 
-__all__ = ["anchor_config_for", "anchors_for", "detector_apply_fn", "make_detector_train_step",
-           "make_predict_fn", "predict", "evaluate_map", "detection_loss_fn",
-           "pack_targets", "activation_loss", "train_detector"]
+__all__ = ["anchor_config_for", "anchors_for", "detector_apply_fn", "detection_train_loss",
+           "make_detector_train_step", "make_predict_fn", "predict", "evaluate_map",
+           "detection_loss_fn", "pack_targets", "activation_loss", "build_detector",
+           "detection_sources", "init_detector", "loss_kwargs", "post_kwargs",
+           "train_detector"]
 
 # apply_fn(variables, images, train) -> (outputs dict, new batch_stats or None)
 ApplyFn = Callable[[Any, jax.Array, bool], tuple[dict, Any]]
@@ -52,32 +63,34 @@ def anchors_for(model: nn.Module, image_hw, *, anchor_scale: float = 4.0) -> np.
 def detector_apply_fn(model: nn.Module) -> ApplyFn:
   """``apply_fn(variables, images, train) -> (outputs, new_batch_stats)`` of a Linen detector
   (the classification loop's own: the outputs are a dict here instead of logits)."""
-  from amq_jax.train import linen_apply_fn
   return linen_apply_fn(model)
+
+
+def detection_train_loss(apply_fn: ApplyFn, anchors, **loss_kw) -> Callable:
+  """``loss_fn(params, state, batch, *, train=True)`` of :func:`amq_jax.train.fit` for a
+  detector: :func:`amq_jax.detection.detection_loss` (focal classification + box
+  regression) of ``apply_fn``'s outputs on ``batch = {'image', 'boxes', 'classes'}``.
+
+  Metrics: ``cls``, ``box`` (the two loss terms) and ``num_pos`` (positive anchors).
+  ``loss_kw`` go to ``detection_loss`` (alpha, gamma, beta, box_loss, ...). ``apply_fn``
+  is the model's own (:func:`detector_apply_fn`) or a fake-quantized one for QAT.
+  """
+  anchors = jnp.asarray(anchors)
+
+  def loss_fn(params, state, batch, *, train=True):
+    out, new_stats = apply_fn({"params": params, **state}, batch["image"], train)
+    loss, parts = detection_loss(out, batch["boxes"], batch["classes"], anchors, **loss_kw)
+    new_state = state if new_stats is None else dict(state, batch_stats=new_stats)
+    return loss, (dict(parts), new_state)
+  return loss_fn
 
 
 def make_detector_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, anchors,
                              **loss_kw):
-  """Jitted ``step(state, batch) -> (state, metrics)``; batch ``{'image','boxes','classes'}``.
-
-  ``loss_kw`` go to :func:`amq_jax.detection.detection_loss` (alpha, gamma, beta...).
-  Metrics: ``loss``, ``cls``, ``box``, ``num_pos``.
-  """
-  anchors = jnp.asarray(anchors)
-
-  def step(state: TrainState, batch):
-    def loss_fn(params):
-      v = dict(state.variables, params=params)
-      out, new_stats = apply_fn(v, batch["image"], True)
-      loss, parts = detection_loss(out, batch["boxes"], batch["classes"], anchors, **loss_kw)
-      return loss, (parts, new_stats)
-    (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=new_stats if new_stats is not None else state.batch_stats)
-    return new_state, dict(parts, loss=loss)
-  return jax.jit(step, donate_argnums=0)
+  """Jitted ``step(state, batch) -> (state, metrics)``: :func:`amq_jax.train.make_step` of
+  :func:`detection_train_loss` (metrics ``loss``, ``cls``, ``box``, ``num_pos``,
+  ``grad_norm``)."""
+  return make_step(detection_train_loss(apply_fn, anchors, **loss_kw), tx)
 
 
 def make_predict_fn(apply_fn: ApplyFn, anchors, image_hw, **post_kw):
@@ -90,8 +103,20 @@ def make_predict_fn(apply_fn: ApplyFn, anchors, image_hw, **post_kw):
   return jax.jit(predict)
 
 
+def _gather(tree):
+  """Host copy of device values sharded over the batch (all processes' rows)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def predict(predict_fn, variables, batches: Iterable[dict], *, mesh=None) -> dict:
-  """Runs ``predict_fn`` over batches; returns host arrays of detections and ground truth."""
+  """Runs ``predict_fn`` over batches; returns host arrays of detections and ground truth.
+
+  Every process passes the same (global) batches; each places its slice, and the
+  detections of all of them are gathered.
+  """
   mesh = mesh or data_mesh()
   n_dev = mesh.devices.size
   keys = ("boxes", "scores", "classes", "valid")
@@ -102,7 +127,7 @@ def predict(predict_fn, variables, batches: Iterable[dict], *, mesh=None) -> dic
     pad = -k % n_dev
     if pad:
       img = np.concatenate([img, np.zeros((pad,) + img.shape[1:], img.dtype)])
-    det = jax.device_get(predict_fn(variables, shard_batch(img, mesh)))
+    det = _gather(predict_fn(variables, shard_batch(process_slice(img), mesh)))
     for name in keys:
       acc[name].append(np.asarray(det[name])[:k])
     acc["gt_boxes"].append(np.asarray(batch["boxes"]))
@@ -113,25 +138,26 @@ def predict(predict_fn, variables, batches: Iterable[dict], *, mesh=None) -> dic
 def evaluate_map(model: nn.Module, variables, data, *, anchors, batch_size: int = 64,
                  num_classes: int | None = None, mesh=None, apply_fn: ApplyFn | None = None,
                  **post_kw) -> dict:
-  """COCO mAP of ``model`` on ``data`` (a :class:`DetectionSet` or an iterable of batches).
+  """COCO mAP of ``model`` on ``data``: a :class:`DetectionSet`, a source (its
+  ``eval_batches``) or an iterable of batches.
 
   Args:
     model, variables: the detector. anchors: ``[A, 4]`` for the data's image size.
-    batch_size: for a ``DetectionSet`` (the last batch is kept). num_classes: category
-      list for COCO (default ``model.num_classes``). apply_fn: e.g. a quantized apply
-      (default the model's own). post_kw: :func:`postprocess` options.
+    batch_size: for a ``DetectionSet`` or a source (the last batch is kept). num_classes:
+      category list for COCO (default ``model.num_classes``). apply_fn: e.g. a quantized
+      apply (default the model's own). post_kw: :func:`postprocess` options.
 
   Returns:
     :func:`coco_evaluate`'s dict (``mAP``, ``mAP50``, ...).
   """
   if isinstance(data, _data.DetectionSet):
-    image_hw = data.images.shape[1:3]
-    data = _data.detection_batches(data, batch_size, seed=None, drop_remainder=False)
-  else:
-    data = iter(data)
-    first = next(data)
-    image_hw = np.shape(first["image"])[1:3]
-    data = _chain(first, data)
+    data = DetectionSource(data)
+  if hasattr(data, "eval_batches"):
+    data = data.eval_batches(batch_size)
+  data = iter(data)
+  first = next(data)
+  image_hw = np.shape(first["image"])[1:3]
+  data = _chain(first, data)
   fn = make_predict_fn(apply_fn or detector_apply_fn(model), anchors, image_hw, **post_kw)
   r = predict(fn, variables, data, mesh=mesh)
   return coco_evaluate(r["gt_boxes"], r["gt_classes"], r["boxes"], r["scores"], r["classes"],
@@ -186,9 +212,10 @@ def activation_loss(anchors, **loss_kw) -> Callable:
 
 
 # --------------------------------------------------------------------------------------
-# End-to-end training from a config
+# The pieces of a detection config, and its FP32 stage
 # --------------------------------------------------------------------------------------
-def _loss_kwargs(config) -> dict:
+def loss_kwargs(config) -> dict:
+  """``config.loss`` fields for :func:`detection_loss` (alpha, gamma, beta, ...)."""
   lc = config.get("loss", None)
   if lc is None:
     return {}
@@ -196,7 +223,8 @@ def _loss_kwargs(config) -> dict:
                              "neg_iou") if k in lc}
 
 
-def _post_kwargs(config) -> dict:
+def post_kwargs(config) -> dict:
+  """``config.eval`` fields for :func:`postprocess` (score threshold, NMS, ...)."""
   ec = config.get("eval", None)
   if ec is None:
     return {}
@@ -204,114 +232,81 @@ def _post_kwargs(config) -> dict:
                              "max_detections", "class_agnostic") if k in ec}
 
 
-def _build(config):
+def build_detector(config) -> nn.Module:
   kw = config.get("model_kwargs", {})
   kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
   return models.get_model(config.model, **kw)
 
 
-def _load_data(config):
-  """(train batches factory, eval data, image_hw)."""
+# COMPAT: the names detection/_pipeline.py imports (it goes with the pipeline rewrite).
+_build, _loss_kwargs, _post_kwargs = build_detector, loss_kwargs, post_kwargs
+
+
+def detection_sources(config, *, augment: bool | None = None):
+  """``(train_source, test_source)`` of a detection config.
+
+  ``dataset='fmnist_det'``: :class:`DetectionSource` s of the Fashion-MNIST detection set
+  (``train_images``/``test_images`` canvases of ``canvas`` px, a function of ``seed``);
+  ``'coco'``: :class:`CocoSource` s of the prepared TFDS splits (``train_split``,
+  ``eval_split``, ``train_limit``, ``eval_limit``, ``image_size``). ``augment`` (flips of
+  the training batches) defaults to ``config.train.augment``.
+  """
+  if augment is None:
+    augment = bool(read_section(config.train, field_prefix="train")["augment"])
   if config.dataset == "fmnist_det":
-    mk = lambda split, n, seed: _data.make_detection_set(  # noqa: E731
-        split, n, seed=seed, canvas=config.canvas, max_gt=config.max_gt,
+    mk = lambda split, n: _data.make_detection_set(  # noqa: E731
+        split, n, seed=config.seed, canvas=config.canvas, max_gt=config.max_gt,
         max_objects=config.get("max_objects", 4), data_dir=config.get("data_dir"))
-    train = mk("train", config.train_images, config.seed)
-    test = mk("test", config.test_images, config.seed)
-
-    def batches(epoch, start):
-      return _data.detection_batches(train, config.batch_size, seed=config.seed, epoch=epoch,
-                                     start=start, flip=config.get("flip", False))
-    return batches, _data.num_batches(train, config.batch_size), test, (config.canvas,) * 2
+    return (DetectionSource(mk("train", config.train_images), augment=augment),
+            DetectionSource(mk("test", config.test_images)))
   if config.dataset == "coco":
-    src, _ = _data.open_coco(config.train_split, data_dir=config.get("data_dir"))
-    ev, _ = _data.open_coco(config.eval_split, data_dir=config.get("data_dir"))
-    limit = config.get("train_limit", None)
-    pi, pc = jax.process_index(), jax.process_count()
-    local_bs = config.batch_size // pc
+    kw = dict(data_dir=config.get("data_dir"), image_size=config.image_size,
+              max_gt=config.max_gt)
+    return (CocoSource(config.train_split, limit=config.get("train_limit"), augment=augment,
+                       **kw),
+            CocoSource(config.eval_split, limit=config.get("eval_limit"), augment=False, **kw))
+  raise ConfigError(f"dataset={config.dataset!r} is not a detection data set; use "
+                    "'fmnist_det' or 'coco'")
 
-    def batches(epoch, start):
-      return _data.coco_batches(src, local_bs, image_size=config.image_size,
-                                max_gt=config.max_gt, train=True, seed=config.seed,
-                                epoch=epoch, start=start, process_index=pi,
-                                process_count=pc, limit=limit)
-    n = (min(limit, len(src)) if limit else len(src)) // config.batch_size
-    # A generator: read once, at evaluation time (the split does not fit in memory).
-    eval_data = _data.coco_batches(ev, config.eval_batch_size, image_size=config.image_size,
-                                   max_gt=config.max_gt, limit=config.get("eval_limit"),
-                                   drop_remainder=False)
-    return batches, n, eval_data, (config.image_size,) * 2
-  raise ValueError(f"unknown detection dataset {config.dataset!r}; use 'fmnist_det' or 'coco'")
+
+def init_detector(model: nn.Module, image_hw, channels: int, *, seed: int):
+  """Fresh variables of ``model`` for ``[1, H, W, channels]`` images."""
+  sample = jnp.zeros((1,) + tuple(image_hw) + (int(channels),), jnp.float32)
+  # The 'rbg' generator compiles ~3x faster than threefry on CPU for a model's init.
+  return jax.jit(lambda k: model.init(k, sample, train=False))(
+      jax.random.key(seed, impl="rbg"))
 
 
 def train_detector(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
-                   log: Callable[[str], None] | None = print) -> tuple[TrainState, dict]:
-  """Trains a RetinaNet from ``config`` in ``workdir`` (resumes from its checkpoints).
+                   progress: bool | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[TrainState, dict]:
+  """Trains a detection config's RetinaNet in FP32 with ``config.train`` in ``workdir``
+  (resumes from ``workdir/checkpoints``), then evaluates COCO mAP on its test split.
 
-  Config fields: ``model``, ``model_kwargs``, ``dataset`` ('fmnist_det' or 'coco') and its
-  data fields, ``anchor_scale``, ``batch_size``, ``num_steps``, optimizer fields of
-  :func:`amq_jax.train.make_optimizer` (``optimizer``, ``learning_rate``, ``momentum``,
-  ``weight_decay``, ``warmup_steps``), ``clip_grad_norm``, ``loss.*``, ``eval.*``,
-  ``checkpoint_every_steps``, ``log_every_steps``, ``seed``.
+  Config fields: ``model``, ``model_kwargs``, ``dataset`` and its data fields,
+  ``anchor_scale``, ``channels``, ``seed``, ``loss.*``, ``eval.*`` and the optimization
+  section ``train`` (see :mod:`amq_jax.train`). ``progress`` defaults to
+  ``config.progress``; ``log``, if given, gets a one-line summary at the end.
 
   Returns:
-    ``(state, result)`` with ``result`` holding the final loss, seconds per step and the
-    test COCO metrics (``test_mAP``, ``test_mAP50``...).
+    ``(state, result)``: :func:`amq_jax.train.fit`'s result plus ``final_loss`` and the
+    test COCO metrics (``test_mAP``, ``test_mAP50``, ...).
   """
-  mesh = mesh or data_mesh()
-  model = _build(config)
-  batches, steps_per_epoch, test, image_hw = _load_data(config)
-  if steps_per_epoch == 0:
-    raise ValueError("batch_size is larger than the training set")
-  anchors = anchors_for(model, image_hw, anchor_scale=config.anchor_scale)
-  total = int(config.num_steps)
-  tx = make_optimizer(config, total)
-  if config.get("clip_grad_norm", 0):
-    tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
-  sample = jnp.zeros((1,) + tuple(image_hw) + (config.channels,), jnp.float32)
-  # The 'rbg' generator compiles ~3x faster than threefry on CPU for a model's init.
-  variables = jax.jit(lambda k: model.init(k, sample, train=False))(
-      jax.random.key(config.seed, impl="rbg"))
-  state = replicate(create_state(variables, tx), mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-  apply_fn = detector_apply_fn(model)
-  step_fn = make_detector_train_step(apply_fn, tx, anchors, **_loss_kwargs(config))
-  every = int(config.get("checkpoint_every_steps", 200))
-  log_every = int(config.get("log_every_steps", 50))
-  step = int(state.step)
-  losses, rates = [], []
-  t_last, s_last = time.time(), step
-  while step < total:
-    epoch, offset = divmod(step, steps_per_epoch)
-    for batch in batches(epoch, offset):
-      state, m = step_fn(state, shard_batch(batch, mesh))
-      step += 1
-      if step % log_every == 0 or step == total or step % every == 0:
-        m = jax.device_get(m)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"detector loss is not finite at step {step}; lower "
-                                   f"--config.learning_rate (now {config.learning_rate})")
-        now = time.time()
-        rates.append((now - t_last) / max(1, step - s_last))
-        t_last, s_last = now, step
-        losses.append((step, float(m["loss"])))
-        if log is not None:
-          log(f"step {step}/{total} loss {float(m['loss']):.4f} cls {float(m['cls']):.4f} "
-              f"box {float(m['box']):.4f} pos {float(m['num_pos']):.0f}")
-      if step % every == 0 or step == total:
-        ckpt.save(step, state)
-      if step >= total:
-        break
-  ckpt.close()
-  # The first interval includes compilation: report the median of the others.
-  result = {"steps": total, "final_loss": losses[-1][1] if losses else None,
-            "losses": losses,
-            "seconds_per_step": float(np.median(rates[1:] if len(rates) > 1 else rates))
-            if rates else None}
-  metrics = evaluate_map(model, state.variables, test, anchors=anchors,
-                         batch_size=config.get("eval_batch_size", 64), mesh=mesh,
-                         **_post_kwargs(config))
+  sec = read_section(config.train, field_prefix="train")
+  model = build_detector(config)
+  train_src, test_src = detection_sources(config, augment=sec["augment"])
+  anchors = anchors_for(model, train_src.image_hw, anchor_scale=config.anchor_scale)
+  variables = init_detector(model, train_src.image_hw, config.channels, seed=config.seed)
+  others = {k: v for k, v in variables.items() if k != "params"}
+  loss_fn = detection_train_loss(detector_apply_fn(model), anchors, **loss_kwargs(config))
+  show = config.get("progress", True) if progress is None else progress
+  state, result = fit(loss_fn, variables["params"], others, train_src, sec, workdir=workdir,
+                      seed=config.seed, desc="fp32", progress=show, mesh=mesh)
+  metrics = evaluate_map(model, state.variables, test_src, anchors=anchors,
+                         batch_size=sec["eval_batch_size"], mesh=mesh, **post_kwargs(config))
+  result["final_loss"] = result["train_loss"]
   result.update({f"test_{k}": v for k, v in metrics.items()})
+  if log is not None:
+    log(f"detector: {result['steps']} steps, final loss {result['final_loss']}, "
+        f"test mAP {result['test_mAP']:.4f}")
   return state, result

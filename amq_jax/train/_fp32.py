@@ -1,7 +1,6 @@
 """FP32 training entry point and loading of trained weights (a run's, or the shipped ones)."""
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 
@@ -11,8 +10,13 @@ import ml_collections
 import numpy as np
 
 from amq_jax import models
+from amq_jax._io import read_bytes, write_bytes, write_json
 from amq_jax.data import fashion_mnist
-from amq_jax.train._loop import fit, init_variables, linen_apply_fn
+from amq_jax.data._sources import as_source
+from amq_jax.errors import ConfigError, StateError
+from amq_jax.train._loop import (classification_loss, evaluate, fit, init_variables,
+                                 linen_apply_fn, make_eval_step)
+from amq_jax.train._optim import read_section
 
 VARIABLES_FILE = "variables.msgpack"
 
@@ -49,49 +53,75 @@ def load_data(config: ml_collections.ConfigDict):
               worker_count=config.get("worker_count", 0))
     return (TfdsSource(name, config.get("train_split", "train"), **kw),
             TfdsSource(name, config.get("eval_split", "validation"), **kw))
-  raise ValueError(f"unknown dataset {config.dataset!r}; use 'fashion_mnist' or "
-                   "'tfds:NAME' (a prepared TFDS data set, e.g. 'tfds:imagenet2012')")
+  raise ConfigError(f"dataset={config.dataset!r} is not a classification data set; use "
+                    "'fashion_mnist' or 'tfds:NAME' (a prepared TFDS data set, e.g. "
+                    "'tfds:imagenet2012')")
 
 
 def save_variables(path: str, variables) -> None:
-  """Writes params + batch_stats as msgpack, atomically (temp file + rename)."""
-  data = flax.serialization.msgpack_serialize(jax.device_get(variables))
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  """Writes params + other collections as flax msgpack, atomically (:mod:`amq_jax._io`)."""
+  write_bytes(path, flax.serialization.msgpack_serialize(jax.device_get(variables)))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def restore_variables(path: str, target=None):
-  with open(path, "rb") as f:
-    raw = f.read()
-  state = flax.serialization.msgpack_restore(raw)
-  return state if target is None else flax.serialization.from_state_dict(target, state)
+  """Variables written by :func:`save_variables`; into ``target``'s structure if given.
+
+  Raises:
+    FileNotFoundError: no such file.
+    StateError: the file is damaged, or holds another model's variables (shapes or layers
+      differ from ``target``); the message names the file and what to do.
+  """
+  raw = read_bytes(path, what="the FP32 training (amq-jax train)")
+  try:
+    state = flax.serialization.msgpack_restore(raw)
+  except Exception as e:  # noqa: BLE001 - msgpack raises several kinds
+    raise StateError(f"{path} is damaged (not a flax msgpack file: {type(e).__name__}); "
+                     "delete it and train again (amq-jax train), or restore a good copy"
+                     ) from None
+  if target is None:
+    return state
+  want, have = _shapes(target), _shapes(state)
+  if want != have:
+    diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+    k = diff[0]
+    raise StateError(f"{path} holds the variables of another model ('{k}': "
+                     f"{have.get(k, 'missing')} in the file, {want.get(k, 'absent')} in this "
+                     "config's model); delete it, or use the config it was trained with")
+  return flax.serialization.from_state_dict(target, state)
 
 
-def write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else float(o))
-  os.replace(tmp, path)
+def train_fp32(config: ml_collections.ConfigDict, workdir: str, *, progress=None,
+               mesh=None) -> dict:
+  """Trains the config's classifier in FP32 with ``config.train``; evaluates it; writes
+  ``workdir/fp32/{variables.msgpack,result.json}``.
 
+  Resumes from ``workdir/fp32/checkpoints`` if a previous run was interrupted. ``progress``
+  defaults to ``config.progress``.
 
-def train_fp32(config: ml_collections.ConfigDict, workdir: str, *, progress=None) -> dict:
-  """Trains the config's model in FP32; writes ``workdir/fp32/{variables.msgpack,result.json}``.
-
-  Resumes from ``workdir/fp32/checkpoints`` if a previous run was interrupted.
+  Returns:
+    :func:`fit`'s result plus ``test_accuracy``, ``test_loss``, ``model``, ``num_params``.
   """
   out = os.path.join(workdir, "fp32")
-  os.makedirs(out, exist_ok=True)
+  sec = read_section(config.train, field_prefix="train")
   model = build_model(config)
   train, test = load_data(config)
   variables = init_variables(model, input_shape(config), seed=config.seed)
-  state, result = fit(config, out, apply_fn=linen_apply_fn(model), variables=variables,
-                      train_ds=train, test_ds=test, num_epochs=config.num_epochs,
-                      desc="fp32", progress=progress)
+  apply_fn = linen_apply_fn(model)
+  others = {k: v for k, v in variables.items() if k != "params"}
+  show = config.get("progress", True) if progress is None else progress
+  state, result = fit(classification_loss(apply_fn), variables["params"], others,
+                      as_source(train, augment=sec["augment"]), sec, workdir=out,
+                      seed=config.seed, desc="fp32", progress=show, mesh=mesh)
+  ev = evaluate(make_eval_step(apply_fn), state.variables, test,
+                batch_size=sec["eval_batch_size"], mesh=mesh)
   save_variables(os.path.join(out, VARIABLES_FILE), state.variables)
-  result.update(model=config.model, num_params=int(sum(np.size(x) for x in
-                                                       jax.tree.leaves(state.params))))
+  result.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"], model=config.model,
+                num_params=int(sum(np.size(x) for x in jax.tree.leaves(state.params))))
   write_json(os.path.join(out, "result.json"), result)
   return result
 
@@ -105,6 +135,9 @@ def shipped_checkpoint(name: str) -> str | None:
 def load_fp32(config: ml_collections.ConfigDict, workdir: str):
   """Trained FP32 variables: ``workdir/fp32``'s, else the shipped checkpoint the config names.
 
+  Returns ``(variables, path)``; the leaves are ``jax.Array`` (``qwix.quantize_params`` and
+  other JAX libraries reject NumPy arrays).
+
   Raises:
     FileNotFoundError: neither exists; the message says how to train one.
   """
@@ -113,11 +146,11 @@ def load_fp32(config: ml_collections.ConfigDict, workdir: str):
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
   own = os.path.join(workdir, "fp32", VARIABLES_FILE)
   if os.path.isfile(own):
-    return restore_variables(own, target), own
+    return jax.tree.map(jax.numpy.asarray, restore_variables(own, target)), own
   name = config.get("pretrained")
   shipped = shipped_checkpoint(name) if name else None
   if shipped:
-    return restore_variables(shipped, target), shipped
+    return jax.tree.map(jax.numpy.asarray, restore_variables(shipped, target)), shipped
   raise FileNotFoundError(
       f"no FP32 checkpoint: {own} does not exist"
       + (f" and no shipped checkpoint is named {name!r}" if name else "")
