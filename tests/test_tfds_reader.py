@@ -302,8 +302,8 @@ def test_training_loop_on_a_tfds_config(data_dir, tmp_path):
   from amq_jax.config import load_config
 
   cfg = load_config("configs/resnet20_fmnist.py:tiny", [
-      f"dataset=tfds:{NAME}", f"data_dir={data_dir}", "progress=False", "batch_size=8",
-      "model_kwargs.num_classes=3", "checkpoint_every_steps=3"])
+      f"dataset=tfds:{NAME}", f"data_dir={data_dir}", "progress=False", "train.batch_size=8",
+      "model_kwargs.num_classes=3", "train.checkpoint_every_steps=3"])
   cfg.input_shape = (16, 16, 3)
   cfg.image_size = 16
   cfg.preprocess = "imagenet"
