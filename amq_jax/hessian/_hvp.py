@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from amq_jax import _paths
 from amq_jax.hessian import _sharding
 
-__all__ = ["make_hvp", "linen_loss_fn"]
+__all__ = ["make_hvp", "linen_loss_fn", "linen_logits_fn"]
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -63,6 +63,21 @@ def linen_loss_fn(model, variables, *, loss: str | Callable = "xent") -> LossFn:
   return loss_fn
 
 
+def linen_logits_fn(model, variables) -> Callable[[Any, Any], jax.Array]:
+  """``logits_fn(params, batch) -> [N, C]`` for a Flax Linen classifier in inference mode.
+
+  The companion of :func:`linen_loss_fn` for the Gauss-Newton and Fisher traces
+  (``layer_traces(..., curvature='ggn', logits_fn=...)``): the same model call, the
+  non-params collections held fixed, ``train=False``, ``batch['image']`` as input.
+  """
+  others = {k: v for k, v in variables.items() if k != "params"}
+
+  def logits_fn(params, batch):
+    return model.apply({"params": params, **others}, batch["image"], train=False)
+
+  return logits_fn
+
+
 def loss_and_hvp(f: Callable, w: Any, v: Any):
   """``(f(w), H_f(w) v)`` by forward-over-reverse; ``w`` and ``v`` share a structure."""
   (loss, _), (_, hv) = jax.jvp(jax.value_and_grad(f), (w,), (v,))
@@ -70,7 +85,10 @@ def loss_and_hvp(f: Callable, w: Any, v: Any):
 
 
 _JIT_CACHE: "collections.OrderedDict[tuple, Callable]" = collections.OrderedDict()
-_JIT_CACHE_SIZE = 16
+# One entry per estimator kind and, for the restricted (one-layer) HVPs, per layer: a
+# ResNet-50 has ~54 layers, so the cache must hold a few hundred functions to avoid
+# recompiling every round.
+_JIT_CACHE_SIZE = 512
 
 
 def cached_jit(kind: str, pb: "Problem", sig: tuple, build: Callable[[], Callable]):

@@ -1,53 +1,78 @@
-"""Per-layer Hessian traces by Hutchinson's estimator, with a per-layer stopping rule.
+"""Per-layer curvature traces: Hutchinson, Hutch++ and output-space GGN/Fisher probes.
 
-For a symmetric ``H`` and a Rademacher probe ``z`` (entries +-1 with equal probability),
-``E[z^T H z] = Tr(H)`` and ``Var[z^T H z] = 2 (||H||_F^2 - sum_i H_ii^2)``
-(Hutchinson 1990; Avron & Toledo 2011). HAWQ-V2 (Dong et al. 2020, Sec. 3.2) needs
-``Tr(H_ii)`` for every diagonal block ``H_ii`` (layer ``i``'s kernel). Three estimators:
+HAWQ-V2 (Dong et al. 2020, Sec. 3.2) needs ``Tr(H_ii)`` for every diagonal block ``H_ii``
+(layer ``i``'s kernel). For a symmetric ``A`` and a Rademacher probe ``z`` (entries +-1),
+``E[z^T A z] = Tr(A)`` and ``Var[z^T A z] = 2 (||A||_F^2 - sum_i A_ii^2)`` (Hutchinson
+1990; Avron & Toledo 2011). Estimators of the Hessian (``curvature='hessian'``):
 
-* ``'joint'``: one probe ``z = (z_1, ..., z_L)`` over every layer per HVP; layer ``i``'s
-  sample is ``z_i^T (H z)_i = z_i^T H_ii z_i + sum_{j != i} z_i^T H_ij z_j``. The cross
-  terms have mean zero (independent probes) but add variance. One HVP serves all layers.
-* ``'per_layer'``: probe only layer ``i`` (zeros elsewhere), so ``(H z)_i = H_ii z_i``
-  exactly: no cross-term variance, but one HVP per layer per probe.
-* ``'adaptive'``: joint probes over only the layers that have not yet converged; once a
-  layer stops, its cross terms stop adding variance to the others.
+* ``'per_layer'``: probe only layer ``i``, so the sample is ``z_i^T H_ii z_i`` exactly.
+  Each HVP is RESTRICTED to the layer: the loss is differentiated w.r.t. that kernel alone
+  (the others held fixed), so the tangent starts at the layer and the backward pass stops
+  there; one compiled function per layer. One restricted HVP per layer per probe.
+* ``'hutchpp'``: Hutch++ (Meyer, Musco, Musco & Woodruff 2021) per layer on the restricted
+  HVP. With ``Q`` an orthonormal basis of ``H_ii S`` for a Gaussian sketch ``S`` of
+  ``r = sketch_size`` columns (``2 r`` HVPs: ``H S`` then ``H Q``),
 
-Probe ``j`` of layer ``i`` is drawn from ``fold_in(fold_in(key, i), j)``: independent
-across layers (equal-shaped layers never share a probe) and the same for every estimator
-and every device count, so results are reproducible for a given key.
+      Tr(H) = Tr(Q^T H Q) + Tr((I - QQ^T) H (I - QQ^T)),
+
+  because ``Tr(P H (I - P)) = Tr((I - P) P H) = 0`` for the projector ``P = QQ^T``. The
+  first term is computed exactly; the second is estimated by Hutchinson probes
+  ``y = (I - P) z`` (sample ``y^T H y``), which are independent of ``Q``, so every sample
+  ``Tr(Q^T H Q) + y^T H y`` is an unbiased estimate of ``Tr(H)`` whatever ``S`` was. The
+  residual has the top of the spectrum removed, so its variance
+  ``2 ||(I-P) H (I-P)||_F^2`` is much smaller when a few eigenvalues dominate; a block of
+  rank ``<= r`` is computed exactly (zero variance).
+* ``'joint'``: one probe ``z = (z_1, ..., z_L)`` over every layer per full HVP; layer
+  ``i``'s sample is ``z_i^T H_ii z_i + sum_{j != i} z_i^T H_ij z_j``: the cross terms have
+  mean zero but add variance. One HVP serves all layers.
+* ``'adaptive'``: joint probes over only the layers that have not yet converged.
+
+The generalized Gauss-Newton and Fisher traces (``curvature='ggn' | 'fisher'``) are probed
+in OUTPUT space with one backward pass for all layers at once; see
+:mod:`amq_jax.hessian._ggn`.
+
+Every layer stops on its own by the Student-t rule of :mod:`amq_jax.hessian._stats` and
+gets a ``status``. Probe ``j`` of layer ``i`` is drawn from ``fold_in(fold_in(key, i), j)``:
+independent across layers and the same for 'per_layer', 'joint' and 'adaptive' and for
+every device count, so results are reproducible for a given key.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amq_jax.hessian import _sharding
 from amq_jax import _paths
+from amq_jax.errors import NonFiniteError
+from amq_jax.hessian import _progress, _sharding, _stats
 from amq_jax.hessian._hvp import LossFn, Problem, cached_jit, loss_and_hvp
 
 __all__ = ["TraceEstimate", "layer_traces", "estimates_to_json", "estimates_from_json",
-           "ESTIMATORS", "DEFAULT_ESTIMATOR"]
+           "ESTIMATORS", "DEFAULT_ESTIMATOR", "CURVATURES", "STATUSES"]
 
-ESTIMATORS = ("joint", "per_layer", "adaptive")
+ESTIMATORS = ("joint", "per_layer", "adaptive", "hutchpp")
+CURVATURES = ("hessian", "ggn", "fisher")
+STATUSES = _stats.STATUSES
 # Chosen from benchmarks/bench_hessian.py --quick (ResNet20, Fashion-MNIST batch 128,
 # 2 shared CPU cores, 22 layers): to bring EVERY layer to 5% relative stderr, the
 # projected cost (from per-probe sample variances) was about 1,800 HVPs for 'per_layer'
 # vs about 10,200 for 'joint' and 8,200 for 'adaptive'. Off-diagonal blocks dominate the
-# joint probe's variance (a layer needed 1,500-10,000 joint probes but only 3-200
-# diagonal ones), so one HVP per layer per probe is ~5x cheaper overall. 'joint' remains
-# the right choice for a quick rough ranking (every layer from each HVP).
+# joint probe's variance, so one HVP per layer per probe is ~5x cheaper overall, and the
+# per-layer HVP is now restricted to the layer (a fraction of a full HVP).
+# benchmarks/bench_curvature.py compares it with 'hutchpp' and the GGN/Fisher probes.
 DEFAULT_ESTIMATOR = "per_layer"
+DEFAULT_SKETCH = 10
+# fold_in index of the Hutch++ sketch of a layer (probe indices count up from 0).
+_SKETCH_STREAM = 0x7FFFFFFF
 
 
 class TraceEstimate(NamedTuple):
-  """Hutchinson estimate of one diagonal block's trace.
+  """Estimate of one diagonal block's trace (Hessian, GGN or Fisher).
 
   Attributes:
     trace: mean of the per-probe values, an unbiased estimate of ``Tr(H_ii)``.
@@ -57,7 +82,10 @@ class TraceEstimate(NamedTuple):
       activation traces, one example's input activation).
     avg_trace: ``trace / num_params``, the HAWQ-V2 sensitivity weight.
     samples: ``np.ndarray [probes]`` of per-probe values.
-    converged: whether the stopping rule was met (False: stopped at ``max_probes``).
+    converged: whether the stopping rule (interval narrow enough) was met; False when the
+      layer stopped at ``max_probes`` or ``max_time``.
+    status: ``'converged' | 'max_probes' | 'negative' | 'near_zero'`` (see
+      :mod:`amq_jax.hessian._stats`); what Omega does with each: :func:`sensitivity_traces`.
   """
   trace: float
   stderr: float
@@ -66,34 +94,51 @@ class TraceEstimate(NamedTuple):
   avg_trace: float
   samples: np.ndarray
   converged: bool = True
+  status: str = "converged"
 
   @classmethod
-  def from_samples(cls, samples, num_params: int, converged: bool = True) -> "TraceEstimate":
+  def from_samples(cls, samples, num_params: int, converged: bool = True,
+                   status: str | None = None, *, atol: float = 0.0,
+                   confidence: float = 0.95) -> "TraceEstimate":
+    """From per-probe values; ``status`` defaults to the one the interval implies."""
     s = np.asarray(samples, np.float64).reshape(-1)
-    k = s.size
-    mean = float(s.mean()) if k else float("nan")
-    se = float(s.std(ddof=1) / math.sqrt(k)) if k > 1 else float("inf")
-    return cls(mean, se, int(k), int(num_params), mean / num_params, s, bool(converged))
+    mean, se, _ = _stats.interval(s, confidence)
+    if status is None:
+      status = _stats.classify(mean, se, s.size, met=converged, atol=atol,
+                               confidence=confidence)
+    return cls(mean, se, int(s.size), int(num_params), mean / num_params, s,
+               bool(converged), str(status))
+
+  def __repr__(self) -> str:
+    return (f"TraceEstimate(trace={self.trace:.4g} +- {self.stderr:.2g}, "
+            f"probes={self.probes}, n={self.num_params}, status={self.status!r})")
 
 
 def estimates_to_json(estimates: dict[str, TraceEstimate]) -> dict[str, dict]:
   """``{path: TraceEstimate}`` -> a dict of plain Python values (``json.dump``-able)."""
   return {p: {"trace": e.trace, "stderr": e.stderr, "probes": e.probes,
               "num_params": e.num_params, "avg_trace": e.avg_trace,
-              "converged": bool(e.converged),
+              "converged": bool(e.converged), "status": str(e.status),
               "samples": [float(x) for x in np.asarray(e.samples).reshape(-1)]}
           for p, e in estimates.items()}
 
 
 def estimates_from_json(data: dict | str) -> dict[str, TraceEstimate]:
-  """Inverse of :func:`estimates_to_json`; ``data`` is the dict or its JSON text."""
+  """Inverse of :func:`estimates_to_json`; ``data`` is the dict or its JSON text.
+
+  Files written before statuses existed load too: their status is derived from the stored
+  trace, stderr, probes and ``converged`` (95% interval).
+  """
   if isinstance(data, str):
     data = json.loads(data)
-  return {p: TraceEstimate(float(d["trace"]), float(d["stderr"]), int(d["probes"]),
-                           int(d["num_params"]), float(d["avg_trace"]),
-                           np.asarray(d.get("samples", []), np.float64),
-                           bool(d.get("converged", True)))
-          for p, d in data.items()}
+  out = {}
+  for p, d in data.items():
+    trace, se, k = float(d["trace"]), float(d["stderr"]), int(d["probes"])
+    conv = bool(d.get("converged", True))
+    status = d.get("status") or _stats.classify(trace, se, k, met=conv)
+    out[p] = TraceEstimate(trace, se, k, int(d["num_params"]), float(d["avg_trace"]),
+                           np.asarray(d.get("samples", []), np.float64), conv, str(status))
+  return out
 
 
 def probe(key, layer: int, index, shape, dtype):
@@ -101,6 +146,8 @@ def probe(key, layer: int, index, shape, dtype):
   k = jax.random.fold_in(jax.random.fold_in(key, layer), index)
   return jax.random.rademacher(k, shape, dtype)
 
+
+# --- joint / adaptive: probes over several layers, one full HVP -------------------------
 
 def _make_step(pb: Problem, probes_per_step: int):
   """Jitted probe step over one batch (cached per loss_fn / layers / shapes / mesh).
@@ -116,153 +163,270 @@ def _make_step(pb: Problem, probes_per_step: int):
                                         probes_per_step))
 
 
+def _map_probes(one, probes_per_step):
+  """``one(p)`` for p in 0..P-1 stacked; lax.map (a scan), not vmap: on CPU a batch of
+  HVPs is no faster than a loop and needs P times the memory."""
+  if probes_per_step == 1:
+    return jax.tree_util.tree_map(lambda a: a[None], one(0))
+  return jax.lax.map(one, jnp.arange(probes_per_step))
+
+
 def _build_step(loss_fn, wrt, shapes, dtypes, probes_per_step):
   # Closes over the loss and static shapes only (never over params or batches), so the
   # cached function holds no device memory.
   def f(w, params, batch):
     return loss_fn(_paths.merge(params, w), batch)
 
-  def one(params, w, batch, key, counts, mask, p):
-    z = {path: mask[i] * probe(key, i, counts[i] + p, shapes[i], dtypes[i])
-         for i, path in enumerate(wrt)}
-    loss, hz = loss_and_hvp(lambda w_: f(w_, params, batch), w, z)
-    vals = jnp.stack([jnp.vdot(z[q], hz[q]).astype(jnp.float32) for q in wrt])
-    fin = jnp.stack([jnp.all(jnp.isfinite(hz[q])) for q in wrt])
-    return vals, fin, loss
-
   def step(params, w, batch, weight, key, counts, mask):
-    if probes_per_step == 1:
-      vals, fin, loss = one(params, w, batch, key, counts, mask, 0)
-      vals, fin = vals[None], fin[None]
-    else:
-      # lax.map (a scan), not vmap: on CPU a batch of HVPs is no faster than a loop.
-      vals, fin, loss = jax.lax.map(
-          lambda p: one(params, w, batch, key, counts, mask, p),
-          jnp.arange(probes_per_step))
-      loss = loss[0]
-    return weight * vals, jnp.all(fin, axis=0), loss
+    def one(p):
+      z = {path: mask[i] * probe(key, i, counts[i] + p, shapes[i], dtypes[i])
+           for i, path in enumerate(wrt)}
+      loss, hz = loss_and_hvp(lambda w_: f(w_, params, batch), w, z)
+      vals = jnp.stack([jnp.vdot(z[q], hz[q]).astype(jnp.float32) for q in wrt])
+      fin = jnp.stack([jnp.all(jnp.isfinite(hz[q])) for q in wrt])
+      return vals, fin, loss
+    vals, fin, loss = _map_probes(one, probes_per_step)
+    return weight * vals, jnp.all(fin, axis=0), loss[0]
 
   return step
 
 
-def _done(samples: list, rtol: float, atol: float, min_probes: int) -> bool:
-  k = len(samples)
-  if k < max(min_probes, 2):
-    return False
-  s = np.asarray(samples, np.float64)
-  se = s.std(ddof=1) / math.sqrt(k)
-  return bool(se <= rtol * abs(s.mean()) or se <= atol)
+# --- per_layer / hutchpp: restricted HVPs, one layer at a time -------------------------
 
+def _block_step(pb: Problem, i: int, rank: int, probes_per_step: int):
+  """Jitted restricted probe step for layer ``i`` (its kernel alone is differentiated).
 
-def layer_traces(loss_fn: LossFn, params: Any, batches: Any, *, key: jax.Array,
-                 wrt: Sequence[str] | None = None, estimator: str = DEFAULT_ESTIMATOR,
-                 rtol: float = 0.05, atol: float = 0.0, min_probes: int = 10,
-                 max_probes: int = 500, probes_per_step: int = 1, mesh=None,
-                 progress: bool = False, max_time: float | None = None
-                 ) -> dict[str, TraceEstimate]:
-  """Hutchinson estimates of ``Tr(H_ii)`` for each layer, each stopped on its own error.
-
-  A layer stops when ``probes >= min_probes`` and its standard error
-  ``s = std(samples, ddof=1) / sqrt(probes)`` satisfies ``s <= rtol * |trace|`` or
-  ``s <= atol`` (the absolute floor matters for traces near zero or negative; a block
-  that is exactly zero stops at ``min_probes`` with ``s = 0``), or when it reaches
-  ``max_probes`` (then ``converged=False``).
-
-  Args:
-    loss_fn, params, batches, wrt, mesh: as in :func:`make_hvp` (the loss is the
-      size-weighted mean over ``batches``).
-    key: PRNG key; the result is a deterministic function of it (for any device count,
-      up to float32 rounding of the batch sums).
-    estimator: ``'joint'``, ``'per_layer'`` or ``'adaptive'`` (see the module docs).
-    rtol, atol, min_probes, max_probes: the stopping rule above.
-    probes_per_step: probes computed in one jitted step (one host sync per step).
-    progress: show a tqdm bar of converged layers.
-    max_time: wall-clock budget in seconds; after the step that exceeds it, every layer
-      still running stops with ``converged=False``.
-
-  Returns:
-    ``{path: TraceEstimate}`` in ``wrt`` order.
-
-  Raises:
-    FloatingPointError: when the loss or a Hessian-vector product is not finite; the
-      message names the batch index(es) and layer(s).
+  ``step(params, w_i, batch, weight, key, layer, count, Q)``: probe ``p`` is
+  ``z = probe(key, layer, count + p)`` projected off the ``rank`` orthonormal rows of ``Q``
+  (``[rank, n_i]``; none for 'per_layer'), ``y = z - Q^T Q z``; returns
+  ``(weight * y^T H_ii y [P], hv_finite, loss)``.
   """
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-  if not (1 <= min_probes <= max_probes):
-    raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
-  if probes_per_step < 1:
-    raise ValueError("probes_per_step must be >= 1")
-  pb = Problem(loss_fn, params, batches, wrt=wrt, mesh=mesh)
-  L = len(pb.wrt)
-  step = _make_step(pb, probes_per_step)
-  key = pb.replicate(key)
-  samples: list[list[float]] = [[] for _ in range(L)]
-  active = np.ones(L, bool)
-  converged = np.zeros(L, bool)
-  count = np.zeros(L, np.int32)  # probes drawn per layer (the probe index schedule)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=L, desc=f"hessian traces ({estimator})", unit="layer")
-  hvps = 0
-  t_start = time.perf_counter()
+  path = pb.wrt[i]
+  shape, dtype = pb.shapes[path], pb.dtypes[path]
+  sig = (path, shape, str(dtype), rank, probes_per_step)
 
-  def run(mask, counts):
-    """Dispatches one probe step over every batch; nothing is fetched here."""
+  def build():
+    loss_fn = pb.loss_fn
+
+    def step(params, wl, batch, weight, key, layer, count, Q):
+      f = lambda w_: loss_fn(_paths.merge(params, {path: w_}), batch)
+
+      def one(p):
+        z = probe(key, layer, count + p, shape, dtype)
+        if rank:
+          zf = z.reshape(-1)
+          z = (zf - (Q @ zf) @ Q).reshape(shape)
+        loss, hz = loss_and_hvp(f, wl, z)
+        return jnp.vdot(z, hz).astype(jnp.float32), jnp.all(jnp.isfinite(hz)), loss
+
+      vals, fin, loss = _map_probes(one, probes_per_step)
+      return weight * vals, jnp.all(fin), loss[0]
+    return step
+
+  return cached_jit("block_step", pb, sig, build)
+
+
+def _block_hv(pb: Problem, i: int, m: int):
+  """Jitted ``(params, w_i, batch, weight, V [m, *shape]) -> (weight * H_ii V, finite)``."""
+  path = pb.wrt[i]
+  shape, dtype = pb.shapes[path], pb.dtypes[path]
+  sig = (path, shape, str(dtype), m)
+
+  def build():
+    loss_fn = pb.loss_fn
+
+    def hv(params, wl, batch, weight, V):
+      f = lambda w_: loss_fn(_paths.merge(params, {path: w_}), batch)
+      out = jax.lax.map(lambda v: loss_and_hvp(f, wl, v)[1], V)
+      return weight * out, jnp.all(jnp.isfinite(out))
+    return hv
+
+  return cached_jit("block_hv", pb, sig, build)
+
+
+@jax.jit
+def _orth_rows(HS):
+  """Orthonormal rows spanning the rows of ``HS [r, ...]`` (QR of its transpose)."""
+  q, _ = jnp.linalg.qr(HS.reshape(HS.shape[0], -1).T)
+  return q.T
+
+
+@jax.jit
+def _quad(Q, HQ):
+  return jnp.sum(Q * HQ.reshape(HQ.shape[0], -1))
+
+
+def _sketch_shapes(key, i, r, shape, dtype):
+  k = jax.random.fold_in(jax.random.fold_in(key, i), _SKETCH_STREAM)
+  return jax.random.normal(k, (r,) + tuple(shape), dtype)
+
+
+# --- the shared driver -------------------------------------------------------------------
+
+def _nonfinite(pb: Problem, fins, losses, layers):
+  """Raises NonFiniteError naming batches and layers (``fins [batches, L]``)."""
+  fins = np.asarray(fins)
+  losses = np.asarray(losses)
+  bad_loss = [b for b in range(len(losses)) if not np.isfinite(losses[b])]
+  bad = [(b, pb.wrt[i]) for b in range(fins.shape[0]) for i in layers if not fins[b, i]]
+  if bad_loss or bad:
+    msg = []
+    if bad_loss:
+      msg.append(f"non-finite loss on batch(es) {bad_loss}")
+    if bad:
+      lay = sorted({p for _, p in bad}, key=pb.wrt.index)
+      msg.append(f"non-finite Hessian-vector product in layer(s) {lay} on batch(es) "
+                 f"{sorted({b for b, _ in bad})}")
+    raise NonFiniteError("; ".join(msg) + " (check the checkpoint, learning rate or "
+                         "inputs; BatchNorm statistics must be finite)")
+
+
+class _Sampler:
+  """One estimator: ``round(active, count) -> {layer: new values}``; ``cost`` counts work.
+
+  ``unit`` names the cost unit (restricted or full HVPs, backward passes) for the bar.
+  """
+  unit = "hvps"
+
+  def __init__(self):
+    self.cost = 0
+
+  def round(self, active: np.ndarray, count: np.ndarray) -> dict[int, np.ndarray]:
+    raise NotImplementedError
+
+
+class _FullHVPSampler(_Sampler):
+  """'joint' / 'adaptive': one full HVP per probe over the masked layers."""
+
+  def __init__(self, pb: Problem, key, estimator: str, probes_per_step: int):
+    super().__init__()
+    self.pb, self.key, self.adaptive = pb, key, estimator == "adaptive"
+    self.P = probes_per_step
+    self.step = _make_step(pb, probes_per_step)
+
+  def round(self, active, count):
+    pb = self.pb
+    L = len(pb.wrt)
+    mask = active if self.adaptive else np.ones(L, bool)
     mask_d = pb.replicate(mask.astype(np.float32))
-    counts_d = pb.replicate(counts.astype(np.int32))
+    counts_d = pb.replicate(count.astype(np.int32))
     total, fins, losses = None, [], []
     for batch, weight in zip(pb.batches, pb.weights):
-      vals, fin, loss = step(pb.params, pb.w, batch, weight, key, counts_d, mask_d)
+      vals, fin, loss = self.step(pb.params, pb.w, batch, weight, self.key, counts_d, mask_d)
       total = vals if total is None else total + vals
+      fins.append(fin)
+      losses.append(loss)
+    vals, fins, losses = _sharding.to_host((total, fins, losses))
+    self.cost += self.P
+    _nonfinite(pb, fins, losses, list(np.flatnonzero(mask)))
+    return {i: vals[:, i] for i in np.flatnonzero(active)}
+
+
+class _BlockSampler(_Sampler):
+  """'per_layer' (rank 0) and 'hutchpp' (rank r): restricted HVPs, layer by layer."""
+  unit = "layer-hvps"
+
+  def __init__(self, pb: Problem, key, probes_per_step: int, rank: int):
+    super().__init__()
+    self.pb, self.key, self.P = pb, key, probes_per_step
+    self.ranks = [min(rank, pb.num_params[p]) for p in pb.wrt]
+    self.Q: dict[int, Any] = {}
+    self.t0: dict[int, float] = {}
+
+  def _dispatch(self, i, count):
+    pb = self.pb
+    path = pb.wrt[i]
+    r = self.ranks[i]
+    step = _block_step(pb, i, r, self.P)
+    Q = self.Q.get(i)
+    if Q is None:
+      Q = pb.replicate(jnp.zeros((0, pb.num_params[path]), pb.dtypes[path]))
+      self.Q[i] = Q
+    layer = pb.replicate(np.int32(i))
+    cnt = pb.replicate(np.int32(count[i]))
+    total, fins, losses = None, [], []
+    for batch, weight in zip(pb.batches, pb.weights):
+      v, fin, loss = step(pb.params, pb.w[path], batch, weight, self.key, layer, cnt, Q)
+      total = v if total is None else total + v
       fins.append(fin)
       losses.append(loss)
     return total, fins, losses
 
-  def check(fins, losses, layers):
-    fins = np.asarray(fins)
-    losses = np.asarray(losses)
-    bad_loss = [b for b in range(len(losses)) if not np.isfinite(losses[b])]
-    bad = [(b, pb.wrt[i]) for b in range(fins.shape[0]) for i in layers if not fins[b, i]]
-    if bad_loss or bad:
-      msg = []
-      if bad_loss:
-        msg.append(f"non-finite loss on batch(es) {bad_loss}")
-      if bad:
-        lay = sorted({p for _, p in bad}, key=pb.wrt.index)
-        msg.append(f"non-finite Hessian-vector product in layer(s) {lay} on batch(es) "
-                   f"{sorted({b for b, _ in bad})}")
-      raise FloatingPointError("; ".join(msg) + " (check the checkpoint, learning rate or "
-                               "inputs; BatchNorm statistics must be finite)")
+  def _sketch(self, layers):
+    """Hutch++'s exact part ``Tr(Q^T H Q)`` for each layer (2 r restricted HVPs each)."""
+    pb = self.pb
+    pending = {}
+    for i in layers:
+      path, r = pb.wrt[i], self.ranks[i]
+      if r == 0:
+        continue
+      hv = _block_hv(pb, i, r)
 
+      def apply(V):
+        acc, fins = None, []
+        for batch, weight in zip(pb.batches, pb.weights):
+          out, fin = hv(pb.params, pb.w[path], batch, weight, V)
+          acc = out if acc is None else acc + out
+          fins.append(fin)
+        return acc, fins
+
+      S = pb.replicate(_sketch_shapes(self.key, i, r, pb.shapes[path], pb.dtypes[path]))
+      HS, f1 = apply(S)
+      Q = _orth_rows(HS)
+      HQ, f2 = apply(Q.reshape((r,) + pb.shapes[path]))
+      self.Q[i] = Q
+      pending[i] = (_quad(Q, HQ), f1, f2)
+      self.cost += 2 * r
+    fetched = _sharding.to_host(pending)
+    for i, (t0, f1, f2) in fetched.items():
+      fins = np.zeros((len(pb.batches), len(pb.wrt)), bool)
+      fins[:, i] = np.asarray(f1) & np.asarray(f2)
+      _nonfinite(pb, fins, [0.0] * len(pb.batches), [i])
+      self.t0[i] = float(t0)
+
+  def round(self, active, count):
+    pb = self.pb
+    if not self.t0 and any(self.ranks):
+      self._sketch(range(len(pb.wrt)))
+    pending, new = [], {}
+    for i in np.flatnonzero(active):
+      if self.ranks[i] >= pb.num_params[pb.wrt[i]]:  # Q spans the block: exact
+        new[i] = np.full(self.P, self.t0[i])
+        continue
+      pending.append((i, self._dispatch(i, count)))
+      self.cost += self.P
+    fetched = _sharding.to_host([p[1] for p in pending])  # one sync per round
+    for (i, _), (vals, fins, losses) in zip(pending, fetched):
+      f = np.zeros((len(fins), len(pb.wrt)), bool)
+      f[:, i] = np.asarray(fins)
+      _nonfinite(pb, f, losses, [i])
+      new[i] = np.asarray(vals, np.float64) + self.t0.get(i, 0.0)
+    return new
+
+
+def _run(sampler: _Sampler, paths: Sequence[str], num_params: dict, *, rtol: float,
+         atol: float, min_probes: int, max_probes: int, confidence: float,
+         probes_per_step: int, progress: bool, max_time: float | None, desc: str
+         ) -> dict[str, TraceEstimate]:
+  """Rounds of ``sampler`` until every layer meets the stopping rule or a limit."""
+  L = len(paths)
+  samples: list[list[float]] = [[] for _ in range(L)]
+  active = np.ones(L, bool)
+  met = np.zeros(L, bool)
+  count = np.zeros(L, np.int32)  # probes drawn per layer (the probe index schedule)
+  bar = _progress.bar(progress, total=L, desc=desc, unit="layer")
+  t_start = time.perf_counter()
   try:
     while active.any():
-      if estimator == "per_layer":
-        pending = []
-        for i in np.flatnonzero(active):
-          mask = np.zeros(L, bool)
-          mask[i] = True
-          pending.append((i, run(mask, count)))
-        hvps += len(pending) * probes_per_step
-        fetched = _sharding.to_host([p[1] for p in pending])  # one sync for the step
-        new = {}
-        for (i, _), (vals, fins, losses) in zip(pending, fetched):
-          check(fins, losses, [i])
-          new[i] = vals[:, i]
-      else:
-        mask = active if estimator == "adaptive" else np.ones(L, bool)
-        vals, fins, losses = _sharding.to_host(run(mask, count))
-        hvps += probes_per_step
-        check(fins, losses, list(np.flatnonzero(mask)))
-        new = {i: vals[:, i] for i in np.flatnonzero(active)}
+      new = sampler.round(active, count)
       count += probes_per_step  # every layer's index advances: keys never repeat
       for i, v in new.items():
         if not np.all(np.isfinite(v)):
-          raise FloatingPointError(f"non-finite probe value z^T H z in layer {pb.wrt[i]}")
+          raise NonFiniteError(f"non-finite probe value in layer {paths[i]}")
         samples[i].extend(float(x) for x in v[: max_probes - len(samples[i])])
-        if _done(samples[i], rtol, atol, min_probes):
-          converged[i] = True
+        if _stats.rule_met(samples[i], rtol=rtol, atol=atol, min_probes=min_probes,
+                           confidence=confidence):
+          met[i] = True
           active[i] = False
         elif len(samples[i]) >= max_probes:
           active[i] = False
@@ -270,11 +434,97 @@ def layer_traces(loss_fn: LossFn, params: Any, batches: Any, *, key: jax.Array,
         active[:] = False
       if bar is not None:
         bar.n = int(L - active.sum())
-        bar.set_postfix(probes=int(max(len(s) for s in samples)), hvps=hvps,
-                        converged=f"{int(converged.sum())}/{L}")
+        bar.set_postfix({"probes": int(max(len(s) for s in samples)),
+                         sampler.unit: sampler.cost, "converged": f"{int(met.sum())}/{L}"})
         bar.refresh()
   finally:
     if bar is not None:
       bar.close()
-  return {p: TraceEstimate.from_samples(samples[i], pb.num_params[p], converged[i])
-          for i, p in enumerate(pb.wrt)}
+  return {p: TraceEstimate.from_samples(samples[i], num_params[p], met[i], atol=atol,
+                                        confidence=confidence)
+          for i, p in enumerate(paths)}
+
+
+def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.Array,
+                 wrt: Sequence[str] | None = None, estimator: str = DEFAULT_ESTIMATOR,
+                 curvature: str = "hessian", logits_fn: Callable | None = None,
+                 output_loss: str = "xent", rtol: float = 0.05, atol: float = 0.0,
+                 min_probes: int = 10, max_probes: int = 500, confidence: float = 0.95,
+                 probes_per_step: int = 1, sketch_size: int = DEFAULT_SKETCH, mesh=None,
+                 progress: bool = True, max_time: float | None = None
+                 ) -> dict[str, TraceEstimate]:
+  """Per-layer curvature traces ``Tr(C_ii)``, each layer stopped on its own error.
+
+  A layer stops when it has ``min_probes`` samples and the ``confidence`` Student-t
+  interval on their mean has half-width ``<= rtol * |mean|`` or ``<= atol``, or at
+  ``max_probes`` (see :mod:`amq_jax.hessian._stats` for the rule and the statuses).
+
+  Args:
+    loss_fn, params, batches, wrt, mesh: as in :func:`make_hvp` (the loss is the
+      size-weighted mean over ``batches``). For 'ggn'/'fisher' ``loss_fn`` may be None; if
+      given, it is checked once to equal ``output_loss`` on ``logits_fn`` (first batch).
+    key: PRNG key; the result is a deterministic function of it (for any device count,
+      up to float32 rounding of the batch sums).
+    estimator: for ``curvature='hessian'``: ``'per_layer'`` (default), ``'hutchpp'``,
+      ``'joint'`` or ``'adaptive'`` (module docs). Not used by 'ggn'/'fisher', whose only
+      estimator is the output-space probe.
+    curvature: ``'hessian'`` (default; the paper's method), ``'ggn'`` (generalized
+      Gauss-Newton ``J^T H_out J``) or ``'fisher'`` (Monte-Carlo Fisher): see
+      :mod:`amq_jax.hessian._ggn`.
+    logits_fn: ``logits_fn(params, batch) -> [N, C]``, required for 'ggn'/'fisher'
+      (:func:`linen_logits_fn` for Linen classifiers).
+    output_loss: ``'xent'`` (softmax cross-entropy, integer ``batch['label']``) or
+      ``'mse'`` (``mean((logits - batch['label'])**2)`` over examples and outputs).
+    rtol, atol, min_probes, max_probes, confidence: the stopping rule.
+    probes_per_step: probes computed in one jitted step (one host sync per step).
+    sketch_size: Hutch++'s sketch columns ``r`` per layer (``2 r`` HVPs up front).
+    progress: a ``tqdm.auto`` bar of finished layers (on by default).
+    max_time: wall-clock budget in seconds; after the step that exceeds it, every layer
+      still running stops (status ``'max_probes'`` unless negative or near zero).
+
+  Returns:
+    ``{path: TraceEstimate}`` in ``wrt`` order.
+
+  Raises:
+    NonFiniteError: when the loss or a curvature-vector product is not finite; the
+      message names the batch index(es) and layer(s).
+
+  Example:
+    >>> est = hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(0))
+    >>> est['head/kernel']
+    TraceEstimate(trace=3.177 +- 0.11, probes=37, n=640, status='converged')
+    >>> ggn = hessian.layer_traces(None, params, batch, key=key, curvature='ggn',
+    ...                            logits_fn=hessian.linen_logits_fn(model, variables))
+  """
+  if curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+  if curvature == "hessian" and estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  if not (1 <= min_probes <= max_probes):
+    raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+  if probes_per_step < 1:
+    raise ValueError("probes_per_step must be >= 1")
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  if curvature != "hessian":
+    from amq_jax.hessian import _ggn
+    pb, sampler = _ggn.sampler(loss_fn, logits_fn, params, batches, key=key, wrt=wrt,
+                               curvature=curvature, output_loss=output_loss,
+                               probes_per_step=probes_per_step, mesh=mesh)
+    desc = f"{curvature} traces"
+  else:
+    if loss_fn is None:
+      raise ValueError("curvature='hessian' needs loss_fn(params, batch) -> mean loss")
+    if estimator == "hutchpp" and sketch_size < 1:
+      raise ValueError(f"sketch_size must be >= 1, got {sketch_size}")
+    pb = Problem(loss_fn, params, batches, wrt=wrt, mesh=mesh)
+    rkey = pb.replicate(key)
+    if estimator in ("joint", "adaptive"):
+      sampler = _FullHVPSampler(pb, rkey, estimator, probes_per_step)
+    else:
+      sampler = _BlockSampler(pb, rkey, probes_per_step,
+                              sketch_size if estimator == "hutchpp" else 0)
+    desc = f"hessian traces ({estimator})"
+  return _run(sampler, pb.wrt, pb.num_params, rtol=rtol, atol=atol, min_probes=min_probes,
+              max_probes=max_probes, confidence=confidence, probes_per_step=probes_per_step,
+              progress=progress, max_time=max_time, desc=desc)

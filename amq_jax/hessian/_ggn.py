@@ -1,0 +1,276 @@
+"""Generalized Gauss-Newton and Fisher traces per layer, all layers from one backward pass.
+
+For a batch-mean loss on model outputs, ``L(theta) = (1/N) sum_n l(f_n(theta), y_n)`` with
+``f_n`` the ``C`` logits of example ``n`` and ``J_n = df_n / dtheta``, the Hessian is
+
+    H = (1/N) sum_n J_n^T H_n J_n  +  (1/N) sum_n sum_c (dl/df_nc) d^2 f_nc / dtheta^2,
+
+with ``H_n = d^2 l / df_n^2``. The first term is the generalized Gauss-Newton ``G``
+(Schraudolph 2002; Martens 2020): PSD whenever ``l`` is convex in the logits, and equal to
+``H`` up to the residual term, which vanishes for a model linear in ``theta`` and is small
+near a trained minimum. Its diagonal block for layer ``l`` is
+``G_l = (1/N) sum_n J_{n,l}^T S_n S_n^T J_{n,l}`` for any factor ``S_n S_n^T = H_n``:
+
+* ``output_loss='xent'`` (softmax cross-entropy, ``p = softmax(f)``):
+  ``H_n = diag(p) - p p^T`` and ``S_n = diag(sqrt p) - p sqrt(p)^T`` (check:
+  ``S S^T = diag(p) - 2 p p^T + p (sqrt(p)^T sqrt(p)) p^T`` and ``sum p = 1``);
+* ``output_loss='mse'``: ``l_n = (1/C) ||f_n - y_n||^2`` (so ``L = mean((f - y)^2)`` over
+  examples and outputs, ``jnp.mean`` of the squared error): ``H_n = (2/C) I``,
+  ``S_n = sqrt(2/C) I``.
+
+**Output-space probe** (``curvature='ggn'``). Draw ``u_n`` in ``{-1, +1}^C`` per example
+(``E[u u^T] = I``) and take ONE vector-Jacobian product of the logits with cotangent
+``S_n u_n``: ``g = sum_n J_n^T S_n u_n``, every layer's block ``g_l`` at once. Then
+
+    E ||g_l||^2 = sum_{n,m} E[u_n^T S_n^T J_{n,l} J_{m,l}^T S_m u_m] = N Tr(G_l),
+
+the terms ``n != m`` vanishing because different examples' probes are independent with
+mean zero. So ``||g_l||^2 / N`` is an unbiased estimate of ``Tr(G_l)`` for EVERY layer
+from one backward pass, and ``g_l`` involves layer ``l``'s Jacobian only: no cross-layer
+variance (the joint Hessian probe has it). The variance is ``(2/N^2) (||A^T A||_F^2 -
+sum diag)`` with ``A = [J_{n,l}^T S_n]_n``, at most ``2 ||G_l||_F^2``: that of a Hutchinson
+probe of ``G_l`` itself. With several batches, the sample is ``sum_b ||g_{b,l}||^2 / N``
+(cross-batch terms, of mean zero, are left out: still unbiased, lower variance).
+
+**Monte-Carlo Fisher** (``curvature='fisher'``). ``F = (1/N) sum_n E_{y ~ p_n}[grad l_n(y)
+grad l_n(y)^T]`` with labels SAMPLED from the model (not the data: that "empirical
+Fisher" is a different, biased quantity). The gradient w.r.t. the logits is
+``r_n = p_n - e_y`` and ``E[r r^T] = diag(p) - p p^T = H_n``, so for softmax
+cross-entropy ``F = G``. One VJP of the sampled-label summed loss gives
+``g = sum_n J_n^T r_n`` and, as above (``E[r_n] = 0``, independent across examples),
+``||g_l||^2 / N`` is unbiased for ``Tr(F_l)``. Same cost per probe as the GGN probe; the
+variance differs (one-hot residuals instead of +-1 mixtures). For 'mse' the Fisher of the
+Gaussian model ``y ~ N(f, (C/2) I)`` (whose negative log-likelihood is ``l`` up to a
+constant) is ``G`` and its sampled residual is ``sqrt(2/C) eps``, eps standard normal: the
+GGN probe with Gaussian ``u``.
+
+**Exact** (:func:`exact_ggn_traces`): ``Tr(G_l) = (1/N) sum_n sum_c ||J_{n,l}^T S_n e_c||^2``,
+``C`` backward passes of per-example gradients (one per column of ``S_n``), their squared
+norms summed per layer (as BackPACK's exact diagonal GGN does). The ground truth for tests
+and small models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amq_jax import _paths
+from amq_jax.errors import ConfigError, NonFiniteError
+from amq_jax.hessian import _progress, _sharding, _stats
+from amq_jax.hessian._hvp import Problem, cached_jit
+from amq_jax.hessian._trace import TraceEstimate, _map_probes, _Sampler
+
+__all__ = ["exact_ggn_traces", "OUTPUT_LOSSES", "output_loss_value"]
+
+OUTPUT_LOSSES = ("xent", "mse")
+LogitsFn = Callable[[Any, Any], jax.Array]
+
+
+def output_loss_value(logits, batch, output_loss: str) -> jax.Array:
+  """The batch-mean loss the GGN/Fisher factors belong to (module docstring)."""
+  logits = logits.astype(jnp.float32)
+  if output_loss == "xent":
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    y = batch["label"].astype(jnp.int32)
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=-1))
+  return jnp.mean((logits - batch["label"].astype(jnp.float32)) ** 2)
+
+
+def _factor_times(logits, u, output_loss: str):
+  """``S u`` per example (``logits, u: [..., C]``)."""
+  C = logits.shape[-1]
+  if output_loss == "mse":
+    return math.sqrt(2.0 / C) * u
+  p = jax.nn.softmax(logits, axis=-1)
+  sp = jnp.sqrt(p)
+  return sp * u - p * jnp.sum(sp * u, axis=-1, keepdims=True)
+
+
+def _factor_matrix(logits, output_loss: str):
+  """``S`` for one example (``logits [C]`` -> ``[C, C]``, columns are the factors)."""
+  C = logits.shape[-1]
+  if output_loss == "mse":
+    return math.sqrt(2.0 / C) * jnp.eye(C, dtype=jnp.float32)
+  p = jax.nn.softmax(logits)
+  sp = jnp.sqrt(p)
+  return jnp.diag(sp) - p[:, None] * sp[None, :]
+
+
+def _cotangent(curvature: str, output_loss: str, logits, key):
+  """The output-space cotangent of one probe (``logits [N, C]`` float32)."""
+  if curvature == "ggn":
+    return _factor_times(logits, jax.random.rademacher(key, logits.shape, logits.dtype),
+                         output_loss)
+  if output_loss == "mse":  # Gaussian-model Fisher: the GGN probe with Gaussian u
+    return _factor_times(logits, jax.random.normal(key, logits.shape, logits.dtype), "mse")
+  y = jax.random.categorical(key, logits, axis=-1)
+  return jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(y, logits.shape[-1],
+                                                          dtype=logits.dtype)
+
+
+def _output_step(pb: Problem, curvature: str, output_loss: str, probes_per_step: int):
+  """Jitted ``step(params, w, batch, weight, key, b, j0) -> (vals [P, L], fin [L], ok)``.
+
+  ``vals[p, l] = weight / n_b * ||g_l||^2`` (``weight = n_b / N``), ``g`` the VJP of the
+  logits with probe ``j0 + p``'s cotangent on batch ``b``.
+  """
+  sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt),
+         tuple(str(pb.dtypes[p]) for p in pb.wrt), curvature, output_loss, probes_per_step)
+
+  def build():
+    logits_fn, wrt = pb.loss_fn, list(pb.wrt)
+
+    def step(params, w, batch, weight, key, b, j0):
+      logits, vjp = jax.vjp(lambda w_: logits_fn(_paths.merge(params, w_), batch), w)
+      lg = logits.astype(jnp.float32)
+
+      def one(p):
+        k = jax.random.fold_in(jax.random.fold_in(key, j0 + p), b)
+        (g,) = vjp(_cotangent(curvature, output_loss, lg, k).astype(logits.dtype))
+        vals = jnp.stack([jnp.sum(jnp.square(g[q].astype(jnp.float32))) for q in wrt])
+        fin = jnp.stack([jnp.all(jnp.isfinite(g[q])) for q in wrt])
+        return vals, fin
+
+      vals, fin = _map_probes(one, probes_per_step)
+      return (weight / logits.shape[0]) * vals, jnp.all(fin, axis=0), jnp.all(jnp.isfinite(lg))
+    return step
+
+  return cached_jit("output_step", pb, sig, build)
+
+
+def _raise_nonfinite(pb: Problem, fins, oks, what: str):
+  fins, oks = np.asarray(fins), np.asarray(oks)
+  bad_b = [b for b in range(len(oks)) if not oks[b]]
+  bad = sorted({pb.wrt[i] for b in range(fins.shape[0]) for i in range(fins.shape[1])
+                if not fins[b, i]}, key=pb.wrt.index)
+  if bad_b or bad:
+    raise NonFiniteError(
+        f"non-finite logits on batch(es) {bad_b} and/or non-finite {what} in layer(s) {bad} "
+        "(check the checkpoint and inputs; BatchNorm statistics must be finite)")
+
+
+class _OutputSampler(_Sampler):
+  """'ggn' / 'fisher': one VJP per probe gives a sample for every layer."""
+  unit = "vjps"
+
+  def __init__(self, pb: Problem, key, curvature: str, output_loss: str, probes_per_step: int):
+    super().__init__()
+    self.pb, self.key, self.P = pb, key, probes_per_step
+    self.step = _output_step(pb, curvature, output_loss, probes_per_step)
+    self.what = "GGN probe gradient" if curvature == "ggn" else "Fisher probe gradient"
+
+  def round(self, active, count):
+    pb = self.pb
+    j0 = pb.replicate(np.int32(count.max()))  # every layer shares the probe index
+    total, fins, oks = None, [], []
+    for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
+      vals, fin, ok = self.step(pb.params, pb.w, batch, weight, self.key,
+                                pb.replicate(np.int32(b)), j0)
+      total = vals if total is None else total + vals
+      fins.append(fin)
+      oks.append(ok)
+    vals, fins, oks = _sharding.to_host((total, fins, oks))
+    self.cost += self.P
+    _raise_nonfinite(pb, fins, oks, self.what)
+    return {i: np.asarray(vals[:, i], np.float64) for i in np.flatnonzero(active)}
+
+
+def _check_loss(loss_fn, logits_fn, pb: Problem, output_loss: str) -> None:
+  """The GGN belongs to ``output_loss``; ``loss_fn`` (if given) must be that loss."""
+  f = jax.jit(lambda p, b: (loss_fn(p, b), output_loss_value(logits_fn(p, b), b, output_loss)))
+  a, b = (float(x) for x in _sharding.to_host(f(pb.params, pb.batches[0])))
+  if not (math.isfinite(a) and math.isfinite(b)):
+    raise NonFiniteError(f"non-finite loss on batch 0: loss_fn gives {a}, "
+                         f"output_loss={output_loss!r} on logits_fn gives {b}")
+  if not np.isclose(a, b, rtol=1e-3, atol=1e-6):
+    raise ConfigError(
+        f"loss_fn gives {a:.6g} on batch 0 but output_loss={output_loss!r} applied to "
+        f"logits_fn gives {b:.6g}: the GGN/Fisher would belong to another loss. Pass the "
+        "matching output_loss ('xent': softmax cross-entropy on batch['label'], 'mse': "
+        "mean squared error), or loss_fn=None to skip this check")
+
+
+def sampler(loss_fn, logits_fn: LogitsFn | None, params, batches, *, key, wrt, curvature: str,
+            output_loss: str, probes_per_step: int, mesh):
+  """``(problem, sampler)`` for :func:`amq_jax.hessian.layer_traces`' GGN/Fisher path."""
+  if logits_fn is None:
+    raise ValueError(f"curvature={curvature!r} needs logits_fn(params, batch) -> [N, C] "
+                     "(hessian.linen_logits_fn(model, variables) for Linen classifiers)")
+  if output_loss not in OUTPUT_LOSSES:
+    raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {output_loss!r}")
+  pb = Problem(logits_fn, params, batches, wrt=wrt, mesh=mesh)
+  if loss_fn is not None:
+    _check_loss(loss_fn, logits_fn, pb, output_loss)
+  return pb, _OutputSampler(pb, pb.replicate(key), curvature, output_loss, probes_per_step)
+
+
+def exact_ggn_traces(logits_fn: LogitsFn, params: Any, batches: Any, *,
+                     wrt: Sequence[str] | None = None, output_loss: str = "xent", mesh=None,
+                     progress: bool = False) -> dict[str, TraceEstimate]:
+  """Exact ``Tr(G_l)`` per layer: ``C`` per-example backward passes (module docstring).
+
+  Memory: one per-example gradient per example of a batch (``batch_size x num_params``
+  floats) at a time; use small batches for large models.
+
+  Args:
+    logits_fn: ``logits_fn(params, batch) -> [N, C]``; each example is passed as a batch
+      of one (inference mode: examples must not interact).
+    params, batches, wrt, mesh: as in :func:`amq_jax.hessian.make_hvp`.
+    output_loss: ``'xent'`` or ``'mse'`` (the factor ``S`` of the module docstring).
+    progress: a bar over batches.
+
+  Returns:
+    ``{path: TraceEstimate}`` with ``stderr = 0``, ``probes = 1`` (one exact evaluation),
+    status ``'converged'`` (``'near_zero'`` for an exactly zero block).
+  """
+  if output_loss not in OUTPUT_LOSSES:
+    raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {output_loss!r}")
+  pb = Problem(logits_fn, params, batches, wrt=wrt, mesh=mesh)
+  sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt),
+         tuple(str(pb.dtypes[p]) for p in pb.wrt), output_loss)
+
+  def build():
+    wrt_ = list(pb.wrt)
+
+    def per_example(params, w, ex):
+      exb = jax.tree_util.tree_map(lambda a: a[None], ex)
+      logits, vjp = jax.vjp(lambda w_: logits_fn(_paths.merge(params, w_), exb)[0], w)
+      S = _factor_matrix(logits.astype(jnp.float32), output_loss).astype(logits.dtype)
+
+      def col(c):
+        (g,) = vjp(S[:, c])
+        return jnp.stack([jnp.sum(jnp.square(g[q].astype(jnp.float32))) for q in wrt_])
+
+      return jnp.sum(jax.lax.map(col, jnp.arange(S.shape[1])), axis=0)
+
+    def run(params, w, batch, weight):
+      vals = jax.vmap(per_example, in_axes=(None, None, 0))(params, w, batch)  # [B, L]
+      return (weight / vals.shape[0]) * jnp.sum(vals, axis=0)
+    return run
+
+  fn = cached_jit("ggn_exact", pb, sig, build)
+  bar = _progress.bar(progress, total=len(pb.batches), desc="exact GGN traces", unit="batch")
+  total = None
+  try:
+    for batch, weight in zip(pb.batches, pb.weights):
+      v = fn(pb.params, pb.w, batch, weight)
+      total = v if total is None else total + v
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  total = np.asarray(_sharding.to_host(total), np.float64)
+  if not np.all(np.isfinite(total)):
+    bad = [p for p, t in zip(pb.wrt, total) if not np.isfinite(t)]
+    raise NonFiniteError(f"non-finite exact GGN trace in layer(s) {bad}")
+  out = {}
+  for i, p in enumerate(pb.wrt):
+    t, n = float(total[i]), pb.num_params[p]
+    out[p] = TraceEstimate(t, 0.0, 1, n, t / n, np.array([t]), True,
+                           _stats.classify(t, 0.0, 1, met=True))
+  return out
