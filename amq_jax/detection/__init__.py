@@ -36,7 +36,7 @@ from amq_jax.detection._train import (activation_loss, anchor_config_for, anchor
                                       init_detector, loss_kwargs, make_detector_train_step,
                                       make_predict_fn, pack_targets, post_kwargs, predict,
                                       train_detector)
-from amq_jax.detection._task import DetectionSource, detection_input_shape, detection_task
+from amq_jax.detection._task import detection_input_shape, detection_task
 from amq_jax.models.retinanet import RetinaNet
 
 __all__ = [
@@ -55,5 +55,5 @@ __all__ = [
     "make_predict_fn", "predict", "evaluate_map", "detection_loss_fn", "pack_targets",
     "activation_loss", "train_detector", "detection_train_loss", "build_detector",
     "detection_sources", "init_detector", "loss_kwargs", "post_kwargs",
-    "detection_task", "detection_input_shape", "DetectionSource",
+    "detection_task", "detection_input_shape",
 ]

@@ -20,22 +20,7 @@ from amq_jax.detection._train import (_loss_kwargs, _post_kwargs, activation_los
 from amq_jax.detection._coco_eval import coco_evaluate
 from amq_jax.errors import ConfigError
 
-__all__ = ["detection_task", "detection_input_shape", "DetectionSource"]
-
-
-class DetectionSource:
-  """A :class:`DetectionSet` as a batch source for :func:`amq_jax.train.fit`."""
-
-  def __init__(self, ds: _data.DetectionSet, *, flip: bool = False):
-    self.ds, self.flip = ds, flip
-    self.num_examples = len(ds.images)
-
-  def steps_per_epoch(self, batch_size: int) -> int:
-    return _data.num_batches(self.ds, batch_size)
-
-  def train_batches(self, batch_size, *, seed, epoch, start=0):
-    return _data.detection_batches(self.ds, batch_size, seed=seed, epoch=epoch, start=start,
-                                   flip=self.flip)
+__all__ = ["detection_task", "detection_input_shape"]
 
 
 def detection_input_shape(cfg) -> tuple:
@@ -108,6 +93,6 @@ def detection_task(cfg):
         loss=activation_loss(anchors, **loss_kw))
     return {l: (float(est[l].trace), float(est[l].stderr)) for l in model.layers.names}
 
-  return Task("detection", "mAP", DetectionSource(train_set, flip=cfg.get("flip", False)),
+  return Task("detection", "mAP", _data.DetectionSource(train_set, augment=cfg.get("flip", False)),
               first_batches, curvature_loss, train_loss, evaluate, logits_fn=None,
               activation_traces=activation_traces, chance=None)
