@@ -1,114 +1,231 @@
-"""Checks the HAWQ-V2 authors' claims (../shared/reference) on Fashion-MNIST with ResNet20.
+"""The HAWQ-V2 authors' claims, checked on Fashion-MNIST with ResNet20 at SEVERAL budgets.
 
-  python examples/reproduce_claims.py --workdir runs/claims [--seeds 3] [--epochs 1]
-                                      [--config configs/resnet20_fmnist.py] [--out claims.json]
+  python examples/reproduce_claims.py --workdir runs/claims \
+      [--budgets avg:2.25 avg:2.5 avg:3 avg:4] [--seeds 3] [--epochs 0.5] \
+      [--methods hawq_v2 weight_norm hawq_v1 high_omega random uniform] \
+      [--rank-configs 30] [--rank-qat 10] [--out benchmarks/claims.json]
 
-Starting from the FP32 model (the shipped checkpoint unless the workdir has its own), one
-Hessian analysis and search at the config's budget, then every method fine-tuned the same
-way with ``--seeds`` fine-tuning seeds (data order), reporting mean and standard deviation:
+One float model (the shipped checkpoint), one analysis (Hessian traces, eigenvalues; GGN
+traces too with --ggn), then for every budget every method fine-tuned the same way with
+``--seeds`` data orders. For each method and budget: accuracy after calibrated post-training
+quantization (PTQ) and after QAT, mean +- std; a figure of accuracy vs size with error bars.
 
-  (a) trace-weighted Omega (HAWQ-V2) vs ||Q(W)-W||^2 alone, at equal size;
-  (b) the least vs the largest total perturbation Omega at the budget's size;
-  (c) automatic selection (HAWQ-V2) vs the HAWQ-V1 ranking (top eigenvalue / n), both
-      allocated on the exact frontier (identical configurations share their runs);
-  (d) top-20 eigenvalues of a few layers: is the top one an outlier (top / second)?
-  (e) search time (analysis + allocation) vs one HAQ-style episode (one fine-tuning epoch).
+Does Omega rank configurations? At the first budget's size, ``--rank-configs`` random
+configurations (plus the method picks) are evaluated after PTQ, and ``--rank-qat`` of them
+after QAT; the Spearman rank correlation between total Omega and accuracy is reported for
+each sensitivity (Hessian trace, GGN, HAWQ-V1 eigenvalue, weight norm) with a bootstrap
+95% interval (negative = lower Omega, higher accuracy: what the method assumes).
 
-Every fine-tuning run is cached in the work directory, so the script resumes if killed.
+Claims (seed's (a)-(e)), each per budget as a paired comparison over seeds (mean
+difference, t-interval) and a verdict: holds / no difference / reversed:
+  (a) trace-weighted Omega (hawq_v2) vs ||Q(W)-W||^2 alone (weight_norm);
+  (b) least vs highest Omega at the same size (hawq_v2 vs high_omega);
+  (c) automatic selection (hawq_v2) vs the HAWQ-V1 ranking (hawq_v1);
+  (d) top/second eigenvalue of a few layers (no single dominant outlier);
+  (e) search time vs one HAQ episode (one fine-tuning epoch).
+Every fine-tune is cached by fingerprint in the work directory: the script resumes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 
+import jax
 import numpy as np
 
-from amq_jax import pipeline
+from amq_jax import _io, alloc, quant
 from amq_jax.config import load_config
+from amq_jax.pipeline import _commands, _stages
+from amq_jax.pipeline._workdir import fingerprint
 
-METHODS = ("hawq_v2", "weight_norm", "high_omega", "hawq_v1")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def spearman(x, y) -> float:
+  rx = np.argsort(np.argsort(x)).astype(float)
+  ry = np.argsort(np.argsort(y)).astype(float)
+  if rx.std() == 0 or ry.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bootstrap_ci(x, y, *, n=2000, seed=0) -> tuple[float, float]:
+  rng = np.random.default_rng(seed)
+  x, y = np.asarray(x), np.asarray(y)
+  vals = []
+  for _ in range(n):
+    i = rng.integers(0, len(x), len(x))
+    v = spearman(x[i], y[i])
+    if np.isfinite(v):
+      vals.append(v)
+  return (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if vals else (
+      float("nan"), float("nan"))
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+  """Mean difference a - b over paired seeds, its 95% t-interval and a verdict."""
+  d = np.asarray(a) - np.asarray(b)
+  n = len(d)
+  mean = float(d.mean())
+  if n < 2:
+    return {"mean_pp": 100 * mean, "ci_pp": None, "n": n, "verdict": "too few seeds"}
+  half = T975.get(n - 1, 1.96) * float(d.std(ddof=1)) / math.sqrt(n)
+  lo, hi = mean - half, mean + half
+  verdict = "holds" if lo > 0 else ("reversed" if hi < 0 else "no difference")
+  return {"mean_pp": 100 * mean, "ci_pp": [100 * lo, 100 * hi], "n": n, "verdict": verdict}
+
+
+def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
+  """One cached fine-tune (fingerprint: bits, fine-tune settings, seed)."""
+  import ml_collections
+  fc = ml_collections.ConfigDict(exp.cfg.finetune.to_dict())
+  fc.num_epochs = float(epochs)
+  fc.num_steps = None
+  bits = quant.BitConfig(config)
+  out = os.path.join(exp.wd.root, "claims", name, f"seed{seed}")
+  rpath = os.path.join(out, "result.json")
+  fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, seed)
+
+  def compute():
+    res = _stages.finetune_bits(exp.model, exp.task, bits, fc, out, seed=seed,
+                                progress=exp.progress, desc=f"{name} seed {seed}")
+    _io.write_json(rpath, res)
+  exp.wd.cached(f"claims/{name}/seed{seed}", fp, [rpath], compute, clear=[out])
+  return _io.read_json(rpath)
+
+
+def ptq_accuracy(exp, config: dict, calib) -> float:
+  bits = quant.BitConfig(config)
+  ranges = quant.calibrate_model(exp.model, calib, bits, method=exp.cfg.finetune.calib_method)
+  apply = quant.quantize_model(exp.model, bits, act_ranges=ranges)
+  return float(exp.task.evaluate(apply, exp.model.params, exp.model.state)["accuracy"])
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="configs/resnet20_fmnist.py")
   ap.add_argument("--workdir", default="runs/claims")
+  ap.add_argument("--budgets", nargs="+", default=["avg:2.25", "avg:2.5", "avg:3", "avg:4"])
+  ap.add_argument("--methods", nargs="+",
+                  default=["hawq_v2", "weight_norm", "hawq_v1", "high_omega", "random",
+                           "uniform"])
   ap.add_argument("--seeds", type=int, default=3)
-  ap.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs per run")
+  ap.add_argument("--epochs", type=float, default=0.5, help="fine-tuning epochs per run")
+  ap.add_argument("--rank-configs", type=int, default=30)
+  ap.add_argument("--rank-qat", type=int, default=10)
+  ap.add_argument("--ggn", action="store_true", help="also rank with GGN traces")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*", help="config overrides FIELD=VALUE")
   args = ap.parse_args(argv)
   cfg = load_config(args.config, args.overrides)
-  if args.epochs is not None:
-    cfg.finetune.num_epochs = args.epochs
-  ctx = pipeline.Context(cfg, args.workdir)
-  pipeline.analyze(ctx)
-  trace_s = pipeline._common.read_json(ctx.wd.traces)["seconds"]
-  eig = pipeline._common.read_json(ctx.wd.eigenvalues)
-  t1 = time.perf_counter()
-  records = pipeline.search(ctx, methods=METHODS, verbose=True)
-  search_s = time.perf_counter() - t1
-  results: dict[str, list[dict]] = {m: [] for m in records}
-  # A method whose configuration equals an earlier one's shares its fine-tuning runs
-  # (same bits and seed give the same run); the table says so.
-  same_as = {}
-  for m in records:
-    for prev in records:
-      if prev == m:
-        break
-      if records[prev]["bits"] == records[m]["bits"]:
-        same_as[m] = prev
-        break
-  for seed in range(args.seeds):
-    for m in records:
-      if m in same_as:
-        continue
-      bits = pipeline.load_bits(ctx, ctx.wd.method_bits(m))
-      results[m].append(pipeline.finetune(ctx, bits, f"{m}_seed{seed}", seed=seed))
-  for m, prev in same_as.items():
-    results[m] = results[prev]
-  rows = {}
-  for m, rs in results.items():
-    acc = np.array([r["test_accuracy"] for r in rs])
-    rows[m] = {"size_mb": records[m]["size_mb"], "avg_bits": records[m]["avg_bits"],
-               "omega": records[m]["omega_hawq_v2"], "mean": float(acc.mean()),
-               "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-               "ptq_mean": float(np.mean([r["ptq_accuracy"] for r in rs])),
-               "accuracies": acc.tolist(), "same_configuration_as": same_as.get(m)}
-  # One HAQ episode = one fine-tuning epoch; time it from the HAWQ-V2 runs (seconds per epoch).
-  epoch_s = float(np.mean([r["seconds"] / r["epochs"] for r in results["hawq_v2"]]))
-  spectra = {k: v["top_over_second"] for k, v in eig["spectra"].items()}
-
-  def diff(a, b):
-    return 100 * (rows[a]["mean"] - rows[b]["mean"])
-
-  claims = {
-      "a_trace_vs_weight_norm_pp": diff("hawq_v2", "weight_norm"),
-      "b_low_vs_high_omega_pp": diff("hawq_v2", "high_omega"),
-      "c_hawq_v2_vs_hawq_v1_pp": diff("hawq_v2", "hawq_v1"),
-      "d_top_over_second_eigenvalue": spectra,
-      # Analysis time as recorded when it ran (it may be cached now) + allocation time.
-      "e_search_seconds": trace_s + eig["seconds"] + search_s,
-      "e_episode_seconds": epoch_s,
-  }
-  claims["e_search_over_episode"] = claims["e_search_seconds"] / epoch_s
-  claims["e_speedup_vs_haq_600_episodes"] = 600 * epoch_s / claims["e_search_seconds"]
-  out = {"config": args.config, "seeds": args.seeds, "epochs": cfg.finetune.num_epochs,
-         "budget": records["hawq_v2"]["size_mb"], "rows": rows, "claims": claims}
-  lines = ["| method | size (MB) | avg bits | Omega | PTQ top-1 (%) | QAT top-1 (%) mean +- std |",
-           "|---|---|---|---|---|---|"]
-  for m, r in rows.items():
-    om = "-" if r["omega"] is None else f"{r['omega']:.4g}"
-    note = f" (= {r['same_configuration_as']})" if r["same_configuration_as"] else ""
-    lines.append(f"| {m}{note} | {r['size_mb']:.4f} | {r['avg_bits']:.3f} | {om} | "
-                 f"{100 * r['ptq_mean']:.2f} | {100 * r['mean']:.2f} +- {100 * r['std']:.2f} |")
-  print("\n".join(lines))
-  print(json.dumps(claims, indent=2))
+  t_start = time.time()
+  with _commands._session(cfg, args.workdir):
+    exp = _commands.build(cfg, args.workdir)
+    t0 = time.perf_counter()
+    analysis = _commands._analyze(exp)
+    traces, eig = analysis["traces"], analysis["eigenvalues"]
+    sens = {"hessian": traces}
+    if args.ggn:
+      import ml_collections
+      hc = ml_collections.ConfigDict(cfg.hessian.to_dict())
+      hc.curvature = "ggn"
+      path = exp.wd.path("analyze", "traces_ggn.json")
+      exp.wd.cached("analyze.ggn", fingerprint("ggn", exp.fp32_fp, hc), [path],
+                    lambda: _io.write_json(path, _stages.analyze_traces(exp.model, exp.task, hc)))
+      sens["ggn"] = _io.read_json(path)
+    out = {"config": args.config, "seeds": args.seeds, "epochs": args.epochs,
+           "budgets": {}, "machine": os.uname().nodename}
+    # -- accuracy vs size at every budget --------------------------------------------------
+    search_s = None
+    for budget in args.budgets:
+      t1 = time.perf_counter()
+      res = _stages.search_bits(exp.model, traces, eig, None, cfg.search, budget=budget,
+                                methods=args.methods, num_random=3)
+      search_s = search_s or time.perf_counter() - t1
+      rows = {}
+      for m, rec in res["methods"].items():
+        rs = [qat(exp, f"{budget.replace(':', '')}_{m}", rec["config"], s, args.epochs)
+              for s in range(args.seeds)]
+        acc = [r["accuracy"] for r in rs]
+        rows[m] = {"size_mb": rec["size_mb"], "avg_bits": rec["avg_bits"],
+                   "omega": rec["omega"], "ptq": rs[0]["ptq_accuracy"],
+                   "qat_mean": float(np.mean(acc)),
+                   "qat_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+                   "qat": acc, "seconds_per_epoch": rs[0]["seconds"] / args.epochs}
+      claims = {}
+      for key, (a, b) in {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
+                          "b_low_vs_high_omega": ("hawq_v2", "high_omega"),
+                          "c_hawq_v2_vs_hawq_v1": ("hawq_v2", "hawq_v1")}.items():
+        if a in rows and b in rows:
+          same = res["methods"][a]["bits"] == res["methods"][b]["bits"]
+          claims[key] = dict(paired(rows[a]["qat"], rows[b]["qat"]), same_configuration=same)
+      out["budgets"][budget] = {"rows": rows, "claims": claims}
+      print(budget, json.dumps(claims))
+    # -- does Omega rank configurations? ----------------------------------------------------
+    b0 = args.budgets[0]
+    pb = _stages.weight_problem(exp.model, traces, eig, cfg.search)
+    calib = exp.task.first_batches(int(cfg.finetune.calib_examples),
+                                   min(int(cfg.finetune.calib_examples), 128))
+    configs = [alloc.random_bits(pb, b0, seed=5000 + k) for k in range(args.rank_configs)]
+    configs += [pb.select(b0, m) for m in pb.methods]
+    names = pb.layers
+    act = cfg.search.get("act_bits")
+    ptq = [ptq_accuracy(exp, {l: {"w": int(b), "a": act} for l, b in zip(names, c)}, calib)
+           for c in configs]
+    omegas = {m: [pb.omega_of(c, m) for c in configs] for m in pb.methods}
+    if "ggn" in sens:
+      pg = _stages.weight_problem(exp.model, sens["ggn"], None, cfg.search)
+      omegas["ggn"] = [pg.omega_of(c, "hawq_v2") for c in configs]
+    rank = {"budget": b0, "configs": len(configs), "ptq": {}, "qat": {}}
+    for m, om in omegas.items():
+      rank["ptq"][m] = {"spearman": spearman(om, ptq), "ci95": bootstrap_ci(om, ptq)}
+    k = min(args.rank_qat, len(configs))
+    qat_acc = [qat(exp, f"rank{i}", {l: {"w": int(b), "a": act} for l, b in zip(names, c)},
+                   0, args.epochs)["accuracy"] for i, c in enumerate(configs[:k])]
+    for m, om in omegas.items():
+      rank["qat"][m] = {"spearman": spearman(om[:k], qat_acc),
+                        "ci95": bootstrap_ci(om[:k], qat_acc)}
+    rank["raw"] = {"bits": [list(map(int, c)) for c in configs], "ptq": ptq, "qat": qat_acc,
+                   "omega": omegas}
+    out["omega_rank"] = rank
+    # -- (d), (e) ----------------------------------------------------------------------------
+    out["d_top_over_second"] = {k: v["top_over_second"] for k, v in eig["spectra"].items()}
+    epoch_s = float(np.median([r["seconds_per_epoch"] for b in out["budgets"].values()
+                               for r in b["rows"].values()]))
+    e_search = traces["seconds"] + eig["seconds"] + (search_s or 0.0)
+    out["e"] = {"search_seconds": e_search, "episode_seconds": epoch_s,
+                "speedup_vs_haq_600_episodes": 600 * epoch_s / e_search}
+    out["seconds"] = time.time() - t_start
+  _plot(out, os.path.join(args.workdir, "accuracy_vs_size.png"))
+  print(json.dumps({k: v for k, v in out.items() if k != "budgets"}, indent=1, default=str)[:4000])
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
+    _io.write_json(args.out, out)
   return out
+
+
+def _plot(out: dict, path: str) -> None:
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.add_subplot()
+  methods = sorted({m for b in out["budgets"].values() for m in b["rows"]})
+  for m in methods:
+    pts = [(b["rows"][m]["size_mb"], b["rows"][m]["qat_mean"], b["rows"][m]["qat_std"])
+           for b in out["budgets"].values() if m in b["rows"]]
+    if pts:
+      x, y, e = zip(*sorted(pts))
+      ax.errorbar(x, 100 * np.array(y), yerr=100 * np.array(e), marker="o", capsize=3, label=m)
+  ax.set_xlabel("model size (MB)")
+  ax.set_ylabel("top-1 after QAT (%)")
+  ax.set_title("Accuracy vs size (mean +- std over fine-tuning seeds)")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
