@@ -16,8 +16,8 @@ import pytest
 
 from amq_jax import train
 from amq_jax.config import load_config
-from amq_jax.data import InMemorySource, fashion_mnist
-from amq_jax.errors import ConfigError, NonFiniteError, StateError
+from amq_jax.data import InMemorySource
+from amq_jax.errors import ConfigError, DataError, NonFiniteError, StateError
 
 CFG = "configs/resnet20_fmnist.py:tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +98,16 @@ def test_batch_not_divisible_by_devices(tmp_path, fmnist_slice):
     _fit(loss_fn, v, InMemorySource(fmnist_slice[0]), tmp_path, mesh=mesh, batch_size=6)
   with pytest.raises(ConfigError, match=r"train\.batch_size=4096 is larger than the 2048"):
     _fit(loss_fn, v, InMemorySource(fmnist_slice[0]), tmp_path, batch_size=4096)
+
+
+def test_source_that_runs_dry_is_an_error_not_a_hang(tmp_path, fmnist_slice):
+  class Dry(InMemorySource):
+    def train_batches(self, batch_size, *, seed, epoch, start=0):
+      return iter(()) if epoch else super().train_batches(batch_size, seed=seed, epoch=epoch,
+                                                          start=start)
+  _, loss_fn, v = _mlp()
+  with pytest.raises(DataError, match="no batch of 64 for epoch 1"):
+    _fit(loss_fn, v, Dry(fmnist_slice[0]), tmp_path, num_steps=40)
 
 
 def test_checkpoint_roundtrip(tmp_path):

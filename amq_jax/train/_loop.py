@@ -55,7 +55,7 @@ import optax
 from amq_jax._sharding import (data_mesh, process_slice, replicate, shard_batch,
                                to_host)
 from amq_jax.data._sources import as_source
-from amq_jax.errors import ConfigError, NonFiniteError
+from amq_jax.errors import ConfigError, DataError, NonFiniteError
 from amq_jax.train._checkpoint import Checkpointer
 from amq_jax.train._optim import (_legacy_section, lr_schedule, make_optimizer,
                                   num_train_steps, read_section)
@@ -313,6 +313,7 @@ def fit(loss_fn: LossFn, params=None, state=None, source=None, section=None, *,
   try:
     while step < total:
       epoch, offset = divmod(step, steps_per_epoch)
+      before = step
       for batch in source.train_batches(bs, seed=seed, epoch=epoch, start=offset):
         if not local:
           batch = process_slice(batch)
@@ -347,6 +348,10 @@ def fit(loss_fn: LossFn, params=None, state=None, source=None, section=None, *,
             ckpt.save(step, ts)
         if step >= total:
           break
+      if step == before:  # an empty epoch would loop for ever
+        raise DataError(f"{desc}: the training data gave no batch of {bs} for epoch {epoch} "
+                        f"(from batch {offset}) although it reports {steps_per_epoch} per "
+                        "epoch; check the data set and its size")
   finally:
     if bar is not None:
       bar.close()
