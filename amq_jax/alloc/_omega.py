@@ -6,8 +6,8 @@ of a configuration is ``sum_l Omega_l(b_l)``. Methods:
 
 * ``'hawq_v2'``: ``avg_trace_l * err_l(b)`` (``avg_trace = Tr(H_l) / n_l``);
 * ``'weight_norm'``: ``err_l(b)`` alone (the ablation without second-order information);
-* ``'hawq_v1'``: ``(lambda_max_l / n_l) * err_l(b)`` (top Hessian eigenvalue, the V1
-  sensitivity, turned into the same additive form).
+* ``'hawq_v1'``: ``(max(lambda_max_l, 0) / n_l) * err_l(b)`` (the largest algebraic Hessian
+  eigenvalue, the V1 sensitivity, turned into the same additive form; never negative).
 
 ``err_l(b) = ||Q_b(W_l) - W_l||^2`` uses :func:`amq_jax.quant.quant_error` (per output
 channel by default, the quantizer used for fine-tuning). For activations, pass your own
@@ -92,7 +92,8 @@ def _kernels(params, layers: Sequence[str], table=None) -> dict[str, Any]:
 
 
 def quant_errors(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 3, 4, 8), *,
-                 symmetric: bool = True, axis=-1, scale_method: str = "minmax") -> np.ndarray:
+                 symmetric: bool = True, axis=-1, scale_method: str = "minmax",
+                 grid: str = "amq") -> np.ndarray:
   """``[L, B]`` squared quantization errors ``||Q_b(W_l) - W_l||^2`` (float64 on host).
 
   Args:
@@ -101,6 +102,7 @@ def quant_errors(params, layers: Sequence[str], bit_choices: Sequence[int] = (2,
       ``adapters.Layers`` table: each layer's weight leaf, and its own channel axis for
       the per-channel quantizer (``axis=-1`` then means "the layer's output channel").
     bit_choices: widths. symmetric, axis, scale_method: the quantizer (see ``amq_jax.quant``).
+    grid: 'amq', or 'qwix' for the errors of the grid a qwix-deployed model uses.
   """
   from amq_jax.quant._math import quant_error_jit  # the array math only (JAX, no Flax use)
   import jax
@@ -112,7 +114,8 @@ def quant_errors(params, layers: Sequence[str], bit_choices: Sequence[int] = (2,
   out = np.zeros((len(layers), len(bit_choices)), np.float64)
   for j, b in enumerate(bit_choices):
     errs = jax.device_get([quant_error_jit(ks[l], bits=int(b), symmetric=symmetric, axis=axes[l],
-                                           scale_method=scale_method) for l in layers])
+                                           scale_method=scale_method, grid=grid)
+                           for l in layers])
     out[:, j] = np.asarray(errs, np.float64)
   return out
 
@@ -128,8 +131,8 @@ def omega_from(weights, errors) -> np.ndarray:
 
 def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 3, 4, 8), *,
                 avg_traces=None, method: str = "hawq_v2", top_eigs=None, errors=None,
-                symmetric: bool = True, axis=-1, scale_method: str = "minmax"
-                ) -> tuple[list[str], tuple[int, ...], np.ndarray]:
+                symmetric: bool = True, axis=-1, scale_method: str = "minmax",
+                grid: str = "amq") -> tuple[list[str], tuple[int, ...], np.ndarray]:
   """The ``[L, B]`` Omega table of a model's layers (see module docstring for methods).
 
   Args:
@@ -144,6 +147,8 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
     top_eigs: ``{path: lambda_max}`` or sequence; required for 'hawq_v1'.
     errors: precomputed ``[L, B]`` errors (skips :func:`quant_errors`).
     symmetric, axis, scale_method: the weight quantizer for the errors.
+    grid: 'amq' or 'qwix' (the grid qwix deploys with: the table then ranks the
+      configurations the deployed model will actually run).
 
   Returns:
     ``(layers, bit_choices, Omega)``: normalized layer paths, the widths, float64 ``[L, B]``.
@@ -155,7 +160,7 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
   if errors is None:
     errors = quant_errors(params, layers if table is None else table, bits,
                           symmetric=symmetric, axis=axis,
-                          scale_method=scale_method)
+                          scale_method=scale_method, grid=grid)
   errors = np.asarray(errors, np.float64)
   if errors.shape != (len(layers), len(bits)):
     raise ValueError(f"errors must be {(len(layers), len(bits))}, got {errors.shape}")
@@ -169,4 +174,9 @@ def omega_table(params, layers: Sequence[str], bit_choices: Sequence[int] = (2, 
   if top_eigs is None:
     raise ValueError("method='hawq_v1' needs top_eigs (top Hessian eigenvalue per layer)")
   n = np.array([np.size(k) for k in _kernels(params, layers, table).values()], np.float64)
-  return layers, bits, omega_from(_per_layer(top_eigs, layers, "top_eigs", table) / n, errors)
+  # A negative top eigenvalue would make quantization error LOWER Omega. The largest
+  # algebraic eigenvalue is negative only if the layer has no direction of positive
+  # curvature (then V1's sensitivity is 0); a negative value may also be a largest-MAGNITUDE
+  # eigenvalue (power iteration with which='LM'). Either way it is floored at 0.
+  top = np.maximum(_per_layer(top_eigs, layers, "top_eigs", table), 0.0)
+  return layers, bits, omega_from(top / n, errors)

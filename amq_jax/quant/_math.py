@@ -21,6 +21,21 @@ per channel and keeps the one minimizing ``||Q(W) - W||^2``.
 
 Rounding is to nearest (``jnp.round``: half to even). Bits are Python ints in 1..16.
 Integer levels are returned as int32 whatever the width.
+
+``grid='qwix'`` uses the grid qwix deploys with (``qwix/_src/core/qarray.py`` and
+``numerics.py``), so that Omega tables and fake-quant agree with a model quantized by qwix:
+
+* symmetric ('absmax'): all ``2^b`` levels ``-2^(b-1) .. 2^(b-1)-1`` and
+  ``s = max|w| / (2^(b-1) - 1/2)``, ``q = clip(round(w / s), -2^(b-1), 2^(b-1)-1)``: the
+  range is stretched by half a step so the top level is used as often as the others
+  (2 bits: the four levels {-2s, -s, 0, s} where the default grid has three).
+* asymmetric ('minmax', qwix allows it at 4 and 8 bits only): signed levels
+  ``[-2^(b-1), 2^(b-1)-1]`` over ``[lo, hi]`` (zero inside), ``s = (hi - lo) / (2^b - 1)``,
+  integer ``z = round(-2^(b-1) - lo / s)``, ``q = clip(round(w / s + z))``.
+
+Scales below ``sqrt(float32 tiny)`` are replaced by 1 (an all-zero channel), as qwix does.
+Widths 2..8 only (qwix has no 1-bit or wider-than-8-bit integer type) and
+``scale_method='minmax'`` only (qwix has no per-channel clipping search).
 """
 from __future__ import annotations
 
@@ -31,9 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_act", "quant_error",
-           "check_bits", "MIN_BITS", "MAX_BITS", "MSE_RATIOS"]
+           "check_bits", "MIN_BITS", "MAX_BITS", "MSE_RATIOS", "GRIDS", "QWIX_BITS"]
 
 MIN_BITS, MAX_BITS = 1, 16
+# Quantizer grids: amq-jax's own, and the one qwix deploys with (see module docstring).
+GRIDS = ("amq", "qwix")
+# Widths qwix has integer types for ('int2' .. 'int8').
+QWIX_BITS = range(2, 9)
 # Clipping ratios tried by scale_method='mse' (1.0 = plain min/max range).
 MSE_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.3, 36))
 
@@ -133,8 +152,44 @@ def _scale_zp(w, bits: int, symmetric: bool, red, scale_method: str):
   return s, z
 
 
+def _check_grid(grid: str, bits: int, symmetric: bool, scale_method: str) -> None:
+  from amq_jax.errors import BitsError
+  if grid not in GRIDS:
+    raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+  if grid == "amq":
+    return
+  if bits not in QWIX_BITS:
+    raise BitsError(f"grid='qwix' has no {bits}-bit integer type (qwix quantizes to int2..int8); "
+                    "choose widths in 2..8 or use grid='amq'")
+  if not symmetric and bits not in (4, 8):
+    raise BitsError(f"grid='qwix' asymmetric ('minmax') quantization exists at 4 and 8 bits "
+                    f"only, got {bits}; use symmetric=True or bits 4/8")
+  if scale_method != "minmax":
+    raise ValueError(f"grid='qwix' calibrates on the full range; scale_method must be "
+                     f"'minmax', got {scale_method!r}")
+
+
+def _qwix_quantize(w, bits: int, symmetric: bool, red) -> QTensor:
+  """qwix's grid (module docstring), with its exact operations: scale by division, round half
+  to even, clip; so levels agree with ``qwix.quantize`` bit for bit."""
+  qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  tiny = jnp.sqrt(jnp.finfo(jnp.float32).tiny)
+  if symmetric:
+    s = jnp.max(jnp.abs(w), axis=red, keepdims=True) / (qmax + 0.5)
+    s = jnp.where(s < tiny, 1.0, s).astype(jnp.float32)
+    z = jnp.zeros_like(s)
+  else:
+    lo = jnp.minimum(jnp.min(w, axis=red, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(w, axis=red, keepdims=True), 0.0)
+    s = (hi - lo) / float(qmax - qmin)
+    s = jnp.where(s < tiny, 1.0, s).astype(jnp.float32)
+    z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
+  q = jnp.clip(jnp.round(w / s + z) if not symmetric else jnp.round(w / s), qmin, qmax)
+  return QTensor(q.astype(jnp.int32), s, z.astype(jnp.float32), bits)
+
+
 def quantize(w, bits: int, *, symmetric: bool = True, axis: int | Sequence[int] | None = None,
-             scale_method: str = "minmax") -> QTensor:
+             scale_method: str = "minmax", grid: str = "amq") -> QTensor:
   """Quantizes ``w`` to ``bits``-bit integer levels (see module docstring for the grids).
 
   Args:
@@ -144,22 +199,29 @@ def quantize(w, bits: int, *, symmetric: bool = True, axis: int | Sequence[int] 
     axis: None for one range per tensor; an int or tuple of the axes to keep for per-channel
       ranges (``-1``: output channel of a Conv/Dense kernel).
     scale_method: 'minmax' (the full range) or 'mse' (best clipping ratio from ``MSE_RATIOS``).
+    grid: 'amq' (the grids above) or 'qwix' (the grid a qwix-deployed model uses; widths
+      2..8, 'minmax' only).
 
   Returns:
     ``QTensor(q, scale, zero_point, bits)``.
 
   >>> quantize(jnp.array([-1., 0.2, 0.6]), 2).q
   Array([-1,  0,  1], dtype=int32)
+  >>> quantize(jnp.array([-1., 0.2, 0.6]), 2, grid='qwix').q
+  Array([-2,  0,  1], dtype=int32)
   """
   bits = check_bits(bits)
+  _check_grid(grid, bits, symmetric, scale_method)
   w = jnp.asarray(w, jnp.float32)
   red = _reduce_axes(w.ndim, axis)
+  if grid == "qwix":
+    return _qwix_quantize(w, bits, symmetric, red)
   s, z = _scale_zp(w, bits, symmetric, red, scale_method)
   q = _q(w, s, z, bits, symmetric)
   return QTensor(q.astype(jnp.int32), s, z, bits)
 
 
-_STATIC = ("bits", "symmetric", "axis", "scale_method")
+_STATIC = ("bits", "symmetric", "axis", "scale_method", "grid")
 # Jitted forms for host-side loops over many kernels (export, Omega tables): one compiled
 # program per (shape, width) instead of one compilation per primitive per shape.
 quantize_jit = jax.jit(quantize, static_argnames=_STATIC)
@@ -170,9 +232,9 @@ def dequantize(qt: QTensor) -> jax.Array:
   return (qt.q.astype(jnp.float32) - qt.zero_point) * qt.scale
 
 
-def _fq_value(w, bits, symmetric, axis, scale_method):
-  return dequantize(quantize(w, bits, symmetric=symmetric, axis=axis,
-                             scale_method=scale_method)).astype(jnp.asarray(w).dtype)
+def _fq_value(w, bits, symmetric, axis, scale_method, grid="amq"):
+  return dequantize(quantize(w, bits, symmetric=symmetric, axis=axis, scale_method=scale_method,
+                             grid=grid)).astype(jnp.asarray(w).dtype)
 
 
 @jax.custom_vjp
@@ -194,7 +256,7 @@ _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
 def fake_quant(w, bits: int, *, symmetric: bool = True, axis=None,
-               scale_method: str = "minmax") -> jax.Array:
+               scale_method: str = "minmax", grid: str = "amq") -> jax.Array:
   """``dequantize(quantize(w))`` with a straight-through (identity) gradient for ``w``.
 
   Forward: the quantized-then-dequantized weights. Backward (``jax.custom_vjp``):
@@ -202,7 +264,8 @@ def fake_quant(w, bits: int, *, symmetric: bool = True, axis=None,
   Arguments as in :func:`quantize`.
   """
   w = jnp.asarray(w)
-  w_hat = jax.lax.stop_gradient(_fq_value(w, check_bits(bits), symmetric, axis, scale_method))
+  w_hat = jax.lax.stop_gradient(_fq_value(w, check_bits(bits), symmetric, axis, scale_method,
+                                          grid))
   return _ste(w, w_hat)
 
 
@@ -247,10 +310,13 @@ def fake_quant_act(x, bits: int, lo, hi) -> jax.Array:
 
 
 def quant_error(w, bits: int, *, symmetric: bool = True, axis=None,
-                scale_method: str = "minmax") -> jax.Array:
-  """``||Q_b(W) - W||_2^2``: the squared quantization error (a float32 scalar)."""
+                scale_method: str = "minmax", grid: str = "amq") -> jax.Array:
+  """``||Q_b(W) - W||_2^2``: the squared quantization error (a float32 scalar).
+
+  ``grid='qwix'`` measures the error of the grid qwix deploys with (see :func:`quantize`).
+  """
   w = jnp.asarray(w, jnp.float32)
-  d = _fq_value(w, check_bits(bits), symmetric, axis, scale_method) - w
+  d = _fq_value(w, check_bits(bits), symmetric, axis, scale_method, grid) - w
   return jnp.sum(d * d)
 
 
