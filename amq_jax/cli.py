@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -345,7 +346,7 @@ def _oom_message(e: BaseException, command: str, cfg) -> str:
           f"kept): {' '.join(tips)}")
 
 
-def _error(e: BaseException, command: str, cfg, strict: bool) -> tuple[int, str, str]:
+def _error(e: BaseException, command: str, cfg) -> tuple[int, str, str]:
   """(exit status, error type, one-line message) of an exception."""
   if isinstance(e, NearChanceWarning):
     return 2, type(e).__name__, f"{_first_line(e, 400)} (an error because of --strict)"
@@ -388,7 +389,6 @@ def _warnings_as_lines(command: str, strict: bool):
 
 
 def _package_dir() -> str:
-  import os
   return os.path.dirname(os.path.abspath(__file__))
 
 
@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       else:
         result = _dispatch(args, cfg)
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes one line
-    status, kind, message = _error(e, command, cfg, strict)
+    status, kind, message = _error(e, command, cfg)
     if debug:
       traceback.print_exc()
     print(f"{prog}: error: {message}", file=sys.stderr)
