@@ -9,7 +9,7 @@ an integer level ``q`` and back to ``w_hat = (q - z) * s`` with scale ``s`` and 
   grid is symmetric around zero (and 2 bits means the three levels {-s, 0, s}).
 * symmetric, b = 1 (binary): ``q = sign(w)`` with sign(0) = +1, so ``w_hat = s * sign(w)``;
   ``s = mean|w|``, the least-squares optimal scale for fixed signs (XNOR-Net), for both scale
-  methods. There is no zero level with one bit.
+  methods. There is no zero level with one bit; an all-zero channel gets ``s = 0`` and stays 0.
 * asymmetric: ``q = clip(round(w / s) + z, 0, 2^b - 1)`` over the range
   ``[lo, hi] = [min(min w, 0), max(max w, 0)]`` (zero always inside, so 0 is exact),
   ``s = (hi - lo) / (2^b - 1)``, integer ``z = round(-lo / s)``.
@@ -125,8 +125,9 @@ def _ranges(w, red, symmetric: bool):
 
 def _scale_zp(w, bits: int, symmetric: bool, red, scale_method: str):
   if symmetric and bits == 1:
-    s = jnp.mean(jnp.abs(w), axis=red, keepdims=True)
-    s = jnp.where(s > 0, s, 1.0).astype(jnp.float32)
+    # An all-zero channel keeps scale 0 (sign(0) = +1 times 0 is 0): replacing the scale
+    # by 1, as for b >= 2 where q = 0, would turn the zeros into +1.
+    s = jnp.mean(jnp.abs(w), axis=red, keepdims=True).astype(jnp.float32)
     return s, jnp.zeros_like(s)
   lo, hi = _ranges(w, red, symmetric)
   if scale_method == "minmax":
