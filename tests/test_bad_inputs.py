@@ -7,7 +7,7 @@ directory, names and work directories, and the Python API. Command-line cases ca
 budget outside the feasible range, a bits file given to ``finetune``, damaged stage files,
 data files, the lock) run the real stages on ``configs/resnet20_fmnist.py:tiny`` with the
 tiny overrides ``FAST``; their ids are listed in ``NEEDS_PIPELINE`` (select them with
-``-k pipeline``). Two property tests check that random junk budgets and bits files never
+``-k pipeline``; they are marked slow: the prepared run takes a few minutes on 2 cores). Two property tests check that random junk budgets and bits files never
 give a traceback or exit status 0.
 
 "No partial file left behind" means: a case rejected before any stage runs creates
@@ -404,7 +404,8 @@ def test_the_table_is_big_enough():
   assert {c.area for c in CASES} >= {"config", "budget", "bits", "data", "state", "api"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c.pipeline else [])
+                                  for c in CASES], ids=_ids(CASES))
 def test_bad_input(case, tmp_path, request):
   wd = tmp_path / "wd"
   if case.pipeline and not case.fresh:
