@@ -586,3 +586,29 @@ def test_pipeline_infeasible_budgets_are_errors(prepared, avg):
 
 
 NEEDS_PIPELINE.append("test_pipeline_infeasible_budgets_are_errors")
+
+
+def test_lock_of_a_killed_process_is_taken_over_and_reentrant(tmp_path):
+  """kill -9 of the holder leaves its lock file behind; the next run takes it over."""
+  from amq_jax._guard import lock_holder
+  wd = str(tmp_path / "wd")
+  child = subprocess.Popen(
+      [sys.executable, "-c", "import time\nfrom amq_jax._guard import workdir_lock\n"
+       f"with workdir_lock({wd!r}):\n  print('held', flush=True); time.sleep(120)"],
+      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    assert child.stdout.readline().strip() == "held"
+    assert lock_holder(wd)["pid"] == child.pid
+    with pytest.raises(errors.WorkdirError, match=rf"in use by process {child.pid} "):
+      with workdir_lock(wd):
+        pass
+  finally:
+    child.kill()
+    child.wait()
+  assert lock_holder(wd)["pid"] == child.pid  # the dead holder's record is still there
+  with workdir_lock(wd):
+    assert lock_holder(wd)["pid"] == os.getpid()
+    with workdir_lock(wd):  # re-entrant: run() holds it while calling analyze()
+      pass
+    assert lock_holder(wd)["pid"] == os.getpid()
+  assert lock_holder(wd) is None
