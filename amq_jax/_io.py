@@ -31,6 +31,15 @@ def to_jsonable(o: Any) -> Any:
     return str(o)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _umask()
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (parent directories are created)."""
   path = os.fspath(path)
@@ -40,6 +49,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    # mkstemp makes owner-only files; give the file the mode a plain open() would.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 from typing import Sequence
 
@@ -133,10 +134,25 @@ def build(cfg, workdir: str, *, progress: bool | None = None, train_if_missing: 
   if not train_if_missing and wd.record("fp32") is None and not cfg.get("pretrained"):
     raise StateError(f"no FP32 model in {wd.root}; run `amq-jax train` (or `run`) first")
   variables, fp = _fp32_stage(cfg, wd, module, sample, task, progress)
+  _check_finite(variables, wd.fp32)
   model = adapters.from_linen(module, variables, sample)
   exp = Experiment(cfg, wd, model, task, fp, progress)
   fp32_eval(exp)
   return exp
+
+
+def _check_finite(variables, path: str) -> None:
+  """A NaN/Inf weight makes every later figure meaningless: name it now."""
+  import numpy as np
+  from amq_jax import _paths
+  from amq_jax.errors import NonFiniteError
+  bad = [p for p, v in _paths.flatten(variables).items()
+         if hasattr(v, "dtype") and np.issubdtype(v.dtype, np.floating)
+         and not np.all(np.isfinite(np.asarray(v)))]
+  if bad:
+    raise NonFiniteError(f"the FP32 model ({path}) has NaN/Inf values in {bad[:5]}"
+                         f"{' and more' if len(bad) > 5 else ''}; retrain it (delete "
+                         f"{path} and run `amq-jax train`) or fix the checkpoint")
 
 
 def fp32_eval(exp: Experiment) -> dict:
@@ -228,6 +244,8 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
                               analysis.get("activations"), sc, budget=budget, methods=methods,
                               num_random=exp.cfg.get("num_random", 3))
     res["budget_spec"] = str(budget)
+    # Cleared only now: a budget that is rejected above leaves the previous search intact.
+    shutil.rmtree(wd.path("search", mkdir=False), ignore_errors=True)
     for m, rec in res["methods"].items():
       _io.write_json(wd.method_bits(m), rec)
     _io.write_json(wd.bits, res["methods"]["hawq_v2"]["config"])
@@ -238,8 +256,7 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
     except Exception as e:  # noqa: BLE001
       warnings.warn(f"could not draw search/frontier.png: {e}")
 
-  wd.cached("search", fp, [wd.frontier, wd.bits], compute,
-            clear=[wd.path("search", mkdir=False)])
+  wd.cached("search", fp, [wd.frontier, wd.bits], compute)
   return _io.read_json(wd.frontier, what="amq-jax search")
 
 
@@ -295,6 +312,8 @@ def _finetune(exp: Experiment, name: str, bits: quant.BitConfig, seed: int) -> d
 # ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _session(cfg, workdir: str):
+  from amq_jax.config import validate_config
+  validate_config(cfg)  # configs built in Python are checked like those from files
   _guard.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   with _guard.workdir_lock(workdir):
