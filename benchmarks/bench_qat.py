@@ -45,10 +45,10 @@ def main():
   layers = [p.rsplit("/", 1)[0] for p in models.layer_order(model, variables, jnp.zeros((1,) + shape))]
   widths = [2, 3, 4, 8]
   bits = quant.BitConfig({l: {"w": widths[i % 4], "a": 8} for i, l in enumerate(layers)})
-  ds = fashion_mnist.load("train", limit=cfg.batch_size * 4)
+  ds = fashion_mnist.load("train", limit=cfg.train.batch_size * 4)
   ranges = quant.calibrate(model, variables, [ds.images[:256]], bits)
   mesh = train.data_mesh()
-  batches = [train.shard_batch(b, mesh) for b in fashion_mnist.batches(ds, cfg.batch_size)]
+  batches = [train.shard_batch(b, mesh) for b in fashion_mnist.batches(ds, cfg.train.batch_size)]
   tx = train.make_optimizer(cfg, 1000)
   steps = {"fp32": train.make_train_step(train.linen_apply_fn(model), tx),
            "qat": train.make_train_step(qat_apply_fn(model, bits, ranges), tx)}
@@ -61,10 +61,10 @@ def main():
       t, states[k] = _time(steps[k], states[k], batches, args.steps)
       per[k].append(t)
   ratio = float(np.median(np.array(per["qat"]) / np.array(per["fp32"])))
-  res = {"model": cfg.model, "batch_size": cfg.batch_size, "devices": jax.device_count(),
+  res = {"model": cfg.model, "batch_size": cfg.train.batch_size, "devices": jax.device_count(),
          "fp32_step_ms": 1e3 * float(np.median(per["fp32"])),
          "qat_step_ms": 1e3 * float(np.median(per["qat"])), "qat_over_fp32": ratio}
-  print(f"| {cfg.model} | batch {cfg.batch_size} | FP32 step {res['fp32_step_ms']:.0f} ms | "
+  print(f"| {cfg.model} | batch {cfg.train.batch_size} | FP32 step {res['fp32_step_ms']:.0f} ms | "
         f"QAT step {res['qat_step_ms']:.0f} ms | QAT/FP32 {ratio:.2f} |")
   if args.out:
     with open(args.out, "w") as f:

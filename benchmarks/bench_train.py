@@ -32,8 +32,8 @@ def main():
   mesh = train.data_mesh()
   state = train.replicate(train.create_state(variables, tx), mesh)
   step = train.make_train_step(train.linen_apply_fn(model), tx)
-  ds = fashion_mnist.load("train", limit=cfg.batch_size * 4)
-  batches = [train.shard_batch(b, mesh) for b in fashion_mnist.batches(ds, cfg.batch_size)]
+  ds = fashion_mnist.load("train", limit=cfg.train.batch_size * 4)
+  batches = [train.shard_batch(b, mesh) for b in fashion_mnist.batches(ds, cfg.train.batch_size)]
   for b in batches[:2]:
     state, m = step(state, b)
   jax.block_until_ready(m)
@@ -44,11 +44,11 @@ def main():
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   med = float(np.median(times))
-  res = {"config": args.config, "model": cfg.model, "batch_size": cfg.batch_size,
+  res = {"config": args.config, "model": cfg.model, "batch_size": cfg.train.batch_size,
          "devices": jax.device_count(), "platform": jax.devices()[0].platform,
          "machine": platform.processor() or platform.machine(),
-         "median_step_s": med, "images_per_s": cfg.batch_size / med}
-  print(f"| {cfg.model} | batch {cfg.batch_size} | {res['devices']} {res['platform']} device(s) "
+         "median_step_s": med, "images_per_s": cfg.train.batch_size / med}
+  print(f"| {cfg.model} | batch {cfg.train.batch_size} | {res['devices']} {res['platform']} device(s) "
         f"| median step {med * 1e3:.1f} ms | {res['images_per_s']:.0f} images/s |")
   if args.out:
     with open(args.out, "w") as f:

@@ -63,8 +63,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(score_threshold=0.05, pre_nms_topk=300,
                                           iou_threshold=0.5, max_detections=20))
 
-  # amq-jax run (amq_jax.detection.run_detection): activation mixed precision, end to end.
+  # amq-jax run: the one pipeline with the detection task (amq_jax.detection.detection_task):
+  # activation mixed precision, end to end. Both methods get HAWQ-V2 weight bits; 'hawq_v2'
+  # takes Hessian-chosen activation widths, 'uniform_act' uniform ones at the same
+  # activation budget.
   c.task = "detection"
+  c.methods = ("hawq_v2", "uniform_act")
   c.hessian = ml_collections.ConfigDict(dict(
       seed=0, num_examples=32, batch_size=32,  # weight traces: one batch of 32 train images
       estimator="per_layer", rtol=0.15, min_probes=4, max_probes=8,
@@ -72,7 +76,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       calib_examples=256))  # activation ranges/errors for Omega_act (FP32 model)
   c.search = ml_collections.ConfigDict(dict(
       bit_choices=(2, 3, 4, 8), budget="uniform:4", pin_first_last=8, symmetric=True,
-      act_bit_choices=(4, 6, 8), act_budget="uniform:6", act_pin_first_last=8))
+      act_bit_choices=(4, 6, 8), act_budget="uniform:6", act_pin_first_last=8,
+      # True: layers that read the same tensor (found from the traced layer table, e.g. the
+      # first convs of the class and box subnets) share one ACTIVATION width: one tensor,
+      # one quantizer.
+      tie_shared_inputs=False))
   c.finetune = ml_collections.ConfigDict(dict(
       optimizer="adam", learning_rate=2e-4, momentum=0.9, weight_decay=0.0, warmup_steps=20,
       final_lr_fraction=0.05, clip_grad_norm=10.0, batch_size=32, num_epochs=None,

@@ -29,22 +29,17 @@ def detection_input_shape(cfg) -> tuple:
   return (cfg.image_size, cfg.image_size, 3)
 
 
-def _sets(cfg):
-  if cfg.dataset != "fmnist_det":
-    raise ConfigError(f"the detection pipeline reads dataset 'fmnist_det' here (got "
-                      f"{cfg.dataset!r}); prepared COCO runs train with amq-jax train")
-  mk = lambda split, n: _data.make_detection_set(  # noqa: E731
-      split, n, seed=cfg.seed, canvas=cfg.canvas, max_gt=cfg.max_gt,
-      max_objects=cfg.get("max_objects", 4), data_dir=cfg.get("data_dir"))
-  return mk("train", cfg.train_images), mk("test", cfg.test_images)
-
-
 def detection_task(cfg):
   """The RetinaNet task of a detection config (``configs/retinanet_fmnist_det.py``)."""
   from amq_jax import hessian, models
   from amq_jax.pipeline._task import Task
 
-  train_set, test_set = _sets(cfg)
+  from amq_jax.detection._train import detection_sources
+  if cfg.dataset != "fmnist_det":
+    raise ConfigError(f"the quantization pipeline reads dataset 'fmnist_det' here (got "
+                      f"{cfg.dataset!r}); prepared COCO trains with amq-jax train")
+  train_src, test_src = detection_sources(cfg)
+  train_set, test_set = train_src.ds, test_src.ds
   kw = cfg.get("model_kwargs", {})
   kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
   module = models.get_model(cfg.model, **kw)
@@ -93,6 +88,6 @@ def detection_task(cfg):
         loss=activation_loss(anchors, **loss_kw))
     return {l: (float(est[l].trace), float(est[l].stderr)) for l in model.layers.names}
 
-  return Task("detection", "mAP", _data.DetectionSource(train_set, augment=cfg.get("flip", False)),
+  return Task("detection", "mAP", train_src,
               first_batches, curvature_loss, train_loss, evaluate, logits_fn=None,
               activation_traces=activation_traces, chance=None)

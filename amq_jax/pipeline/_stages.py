@@ -207,9 +207,6 @@ def _ties(model: Model, sc) -> list[list[str]]:
       raise ConfigError(f"search.tie group {list(pats)} matches {len(idx)} layer(s); the "
                         f"model's layers are {model.layers.names}")
     groups.append(idx)
-  if sc.get("tie_shared_inputs", False):
-    taken = {l for g in groups for l in g}
-    groups += [g for g in model.layers.shared_inputs() if not taken & set(g)]
   return groups
 
 
@@ -218,12 +215,17 @@ def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc) ->
   names = model.layers.names
   bits = tuple(int(b) for b in sc.bit_choices)
   symmetric = bool(sc.get("symmetric", True))
-  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers.params_paths,
+  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers,
                         bits, symmetric=symmetric)
-  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers.params_paths,
+  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers,
                        symmetric=symmetric)
   avg = None
   if traces is not None:
+    if traces and all(isinstance(v, hessian.TraceEstimate) for v in traces.values()):
+      # hessian.layer_traces' {weight path: TraceEstimate}, as auto_bits takes it
+      by_param = model.layers.by_param()
+      traces = {"layers": {by_param[p].name if p in by_param else p: e
+                           for p, e in traces.items()}}
     avg = hessian_avg_traces(traces)
   top = None if eigen is None else {k: v["value"] for k, v in eigen["top1"].items()}
   act = sc.get("act_bits")
@@ -249,13 +251,22 @@ def act_problem(model: Model, acts: dict, sc, weight_bits: Sequence[int]) -> all
   return alloc.Problem(names, model.layers.in_sizes(), acts["act_bit_choices"],
                        np.asarray(acts["errors"]), kind="activations", avg_traces=avg,
                        macs=model.layers.macs(), other_bits=list(weight_bits),
-                       pinned=alloc.pins_first_last(names, sc.get("act_pin_first_last")))
+                       pinned=alloc.pins_first_last(names, sc.get("act_pin_first_last")),
+                       tied=_shared_input_groups(model) if sc.get("tie_shared_inputs") else None)
+
+
+def _shared_input_groups(model: Model) -> list[list[str]] | None:
+  """Layers that read one tensor: one tensor, one activation quantizer, one width."""
+  return model.layers.shared_inputs() or None
 
 
 def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dict | None,
                 sc, *, budget: str, methods: Sequence[str], num_random: int = 3) -> dict:
   """Every method's configuration at ``budget``, the frontier, and (with ``acts`` and
   ``sc.act_budget``) the activation widths chosen the same way at the activation budget.
+
+  ``traces``: :func:`analyze_traces`' result or :func:`amq_jax.hessian.layer_traces`'
+  ``{weight path: TraceEstimate}``.
 
   Returns the JSON-able search result: ``{'weights': alloc.allocate(...), 'activations':
   ... or None, 'methods': {name: record}}``; each record's ``config`` is the full
@@ -429,9 +440,9 @@ def auto_bits(model: Model, traces, *, budget: str = "avg:4",
     raise LayerError(f"no trace for layers {missing}; measure every layer "
                      "(wrt=model.layers.params_paths)")
   names = model.layers.names
-  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers.params_paths,
+  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers,
                         tuple(bit_choices), symmetric=symmetric)
-  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers.params_paths,
+  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers,
                        symmetric=symmetric)
   pb = alloc.Problem(names, model.layers.counts(), tuple(bit_choices), errors,
                      avg_traces=avg, macs=model.layers.macs(), other_bits=act_bits,
