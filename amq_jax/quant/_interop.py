@@ -7,7 +7,9 @@ configuration into one rule per layer (an exact-match regex of its module path,
 in layer order.
 
 Not every configuration runs in qwix. What qwix 0.1.x can express, read from its providers
-(``qwix/_src/providers/{ptq,qt}.py``) and checked by running them:
+(``qwix/_src/providers/{ptq,qt}.py``) and checked by running them on CPU
+(``tests/test_interop.py`` checks these predictions against qwix for both providers, both
+layer kinds and both storage types):
 
 * widths: ``int2`` .. ``int8`` (no 1-bit, nothing wider than 8 bits); a layer's input is
   quantized only together with its weights;
@@ -18,8 +20,9 @@ Not every configuration runs in qwix. What qwix 0.1.x can express, read from its
   for QAT or to evaluate the deployed numerics): weight-only everywhere; a convolution with a
   quantized input needs both operands stored in one integer type (qwix stores int2..int4 as
   int4 and int5..int8 as int8: both widths <= 4 or both >= 5);
-* XLA on CPU and GPU has no int4 x int4 matmul or convolution, so a layer whose weight AND
-  input are both 2..4 bits runs only on TPU (``platform=``).
+* XLA on CPU and GPU has no int4 x int4 matmul or convolution (its own error message says
+  so for both), so a layer whose weight AND input are both 2..4 bits runs only on TPU
+  (``platform=``).
 
 A configuration outside these raises :class:`amq_jax.errors.BitsError` naming each layer,
 why, and the activation widths that would run; ``adapt_act=True`` instead moves each such
@@ -28,7 +31,12 @@ layer's activation width to the nearest one that runs (stated in a warning).
 The weights are calibrated per output channel with qwix's 'absmax' grid, which is
 ``amq_jax.quant.quantize(..., grid='qwix', axis=-1)``: build the Omega table with
 ``alloc.omega_table(..., grid='qwix')`` and the search optimizes the quantizer the deployed
-model runs.
+model runs. qwix quantizes a layer's input dynamically, one symmetric absmax scale per example
+(``quant.fake_quant(x, a, axis=0, grid='qwix')``), where amq-jax's activation quantizer uses
+calibrated static ranges. In QAT, qwix's QtProvider back-propagates through a convolution exactly as
+amq-jax's straight-through fake-quant does, but through a quantized Dense layer with its
+FLOAT operands (qwix's ``use_original_residuals``): the forward passes agree, the gradients of
+Dense layers and of the layers before them differ slightly.
 """
 from __future__ import annotations
 
