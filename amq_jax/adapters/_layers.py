@@ -56,6 +56,7 @@ class Layer(NamedTuple):
   in_shape: shape of the layer's input activation per example (first call); in_size: its
     element count (the activation-memory cost unit).
   input_id: layers with equal ids read the same tensor. calls: times the layer runs.
+  out_shape: the output's shape per example (first call).
   """
   name: str
   param: str
@@ -69,6 +70,7 @@ class Layer(NamedTuple):
   in_size: int
   input_id: int
   calls: int = 1
+  out_shape: tuple = ()
 
   @property
   def channels(self) -> int:
@@ -139,12 +141,13 @@ class Layers(Mapping):
     return Layers([l for l in self._list if l.name in keep])
 
   def to_json(self) -> list[dict]:
-    return [dict(l._asdict(), shape=list(l.shape), in_shape=list(l.in_shape))
-            for l in self._list]
+    return [dict(l._asdict(), shape=list(l.shape), in_shape=list(l.in_shape),
+                 out_shape=list(l.out_shape)) for l in self._list]
 
   @classmethod
   def from_json(cls, rows: Sequence[Mapping]) -> "Layers":
-    return cls([Layer(**dict(r, shape=tuple(r["shape"]), in_shape=tuple(r["in_shape"])))
+    return cls([Layer(**dict(r, shape=tuple(r["shape"]), in_shape=tuple(r["in_shape"]),
+                             out_shape=tuple(r.get("out_shape", ()))))
                 for r in rows])
 
 
@@ -251,6 +254,7 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
       kind = "conv"
       macs = int(np.prod(out_shape)) // n * K // int(w_aval.shape[used_axis])
     in_shape = tuple(s for i, s in enumerate(x_shape) if i != lhs_spec[0])
+    out_ex = tuple(s for i, s in enumerate(out_shape) if i != out_spec[0])
   else:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_contract, w_batch = (rc, rb) if k == 1 else (lc, lb)
@@ -267,6 +271,7 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
       n = batch if int(np.prod(out_shape)) % batch == 0 else n
     macs = int(np.prod(out_shape)) * csize // max(n, 1)
     in_shape = tuple(x_shape[1:]) if x_shape and x_shape[0] == n else tuple(x_shape)
+    out_ex = tuple(out_shape[1:]) if out_shape and out_shape[0] == n else tuple(out_shape)
   axis = int(amap[used_axis])
   if path in rec.info:
     r = rec.info[path]
@@ -275,7 +280,7 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
     return
   rec.order.append(path)
   rec.info[path] = dict(kind=kind, axis=axis, shape=tuple(w_aval.shape), macs=macs,
-                        in_shape=in_shape, input_id=input_id, calls=1)
+                        in_shape=in_shape, input_id=input_id, calls=1, out_shape=out_ex)
 
 
 def trace_layers(apply: Callable[[Any, Any], Any], params: Any, sample: Any, *,
@@ -325,7 +330,7 @@ def trace_layers(apply: Callable[[Any, Any], Any], params: Any, sample: Any, *,
                      channel_axis=r["axis"] % len(shape), shape=shape,
                      params=int(math.prod(shape)), macs=int(r["macs"]), in_shape=in_shape,
                      in_size=int(math.prod(in_shape)), input_id=r["input_id"],
-                     calls=r["calls"]))
+                     calls=r["calls"], out_shape=r["out_shape"]))
   layers = Layers(out)
   if include is not None:
     layers = layers.select(include)

@@ -122,7 +122,10 @@ def from_linen(module, variables, sample, *, train_kwarg: bool | None = None,
     with nn.intercept_methods(interceptor):
       return call(params, state, x, train)
 
-  layers = trace_layers(lambda p, x: call(p, state, x, False)[0], params, sample)
+  # Abstract variables (jax.eval_shape) trace too: the closed-over state needs values.
+  concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype)
+                          if isinstance(s, jax.ShapeDtypeStruct) else s, state)
+  layers = trace_layers(lambda p, x: call(p, concrete, x, False)[0], params, sample)
   return Model("linen", params, state, layers, apply, act_apply,
                rebuild=lambda p, s: dict(s, params=p), module=module)
 

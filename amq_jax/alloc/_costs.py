@@ -53,57 +53,32 @@ def _layer(path: str) -> str:
 
 def layer_costs(model, variables, sample, layers: Sequence[str] | None = None, *,
                 train_kwarg: bool = True) -> dict[str, LayerCost]:
-  """Parameter count and MACs of each Conv/Dense layer, read from shapes (no FLOPs run).
+  """Parameter count and MACs of each Conv/Dense layer of a Linen model, from shapes.
 
-  ``MACs = out_elements * kernel.size / C_out`` per call, which is
-  ``out_elements * kh * kw * C_in / groups`` for a convolution and ``out * in`` for Dense;
-  ``out_elements`` excludes the batch dimension (leading axis of the output).
+  A view of the layer table (:func:`amq_jax.adapters.trace_layers`): ``MACs =
+  out_elements * kernel.size / C_out`` per call (``out * in`` for Dense, and only the real
+  products of a transposed convolution), summed over calls, per example.
 
   Args:
     model: a Linen module; variables: its variables; sample: an input batch (or
       ``jax.ShapeDtypeStruct``). layers: layer or kernel paths to report (default: every
-      kernel with ndim >= 2 that the forward pass calls), returned in forward order.
+      quantizable layer), returned in forward order.
     train_kwarg: call the model with ``train=False`` (set False for models without it).
 
   Returns:
     ``{layer_path: LayerCost}`` in forward-call order.
   """
-  import flax.linen as nn  # only this function needs Flax
-  import jax
+  from amq_jax.adapters import from_linen  # only this function needs a model
 
-  params = variables["params"] if "params" in variables else variables
-  kernels = {_layer(p): v for p, v in _paths.flatten(params).items()
-             if p.rsplit("/", 1)[-1] == "kernel" and getattr(v, "ndim", 0) >= 2}
-  want = set(kernels) if layers is None else {_layer(l) for l in layers}
-  unknown = sorted(want - set(kernels))
-  if unknown:
-    raise ValueError(f"unknown layer paths {unknown}; valid layer paths: {list(kernels)}")
-  seen: dict[str, list] = {}
-
-  def rec(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    path = "/".join(context.module.path)
-    if context.method_name == "__call__" and path in want and hasattr(out, "shape"):
-      seen.setdefault(path, []).append(tuple(out.shape))
-    return out
-
-  def run(v, x):
-    with nn.intercept_methods(rec):
-      kw = {"train": False} if train_kwarg else {}
-      return model.apply(v, x, **kw)
-
-  jax.eval_shape(run, variables, sample)
-  missing = sorted(want - set(seen))
-  if missing:
-    raise ValueError(f"layers {missing} are not called in the forward pass")
-  out = {}
-  for path, shapes in seen.items():
-    k = kernels[path]
-    n = int(np.prod(k.shape))
-    macs = sum(int(np.prod(s[1:])) * (n // int(k.shape[-1])) for s in shapes)
-    out[path] = LayerCost(path, n, macs, int(k.shape[-1]), tuple(k.shape), tuple(shapes[0][1:]),
-                          len(shapes))
-  return out
+  table = from_linen(model, variables, sample, train_kwarg=train_kwarg).layers
+  want = None if layers is None else {_layer(l) for l in layers}
+  if want is not None:
+    unknown = sorted(want - set(table.names))
+    if unknown:
+      raise ValueError(f"unknown layer paths {unknown}; valid layer paths: {table.names}")
+  return {l.name: LayerCost(l.name, l.params, l.macs, l.channels, tuple(l.shape),
+                            tuple(l.out_shape), l.calls)
+          for l in table.values() if want is None or l.name in want}
 
 
 def size_bits(params, bits):
