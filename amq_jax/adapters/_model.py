@@ -60,7 +60,7 @@ class Model:
     if self.act_apply is None:
       raise LayerError(
           f"{what} needs a hook on each layer's input, which the {self.framework!r} adapter "
-          "does not provide (Flax Linen models have it); quantize weights only (set the "
+          "does not provide (the Linen and NNX adapters have it); quantize weights only (set the "
           "activation widths to None, e.g. --config.search.act_bits=None)")
     return self.act_apply
 
