@@ -114,3 +114,39 @@ def test_importing_amq_jax_report_leaves_the_backend_alone():
                        timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "svg"
+
+
+def test_frontier_draws_a_search_result_as_it_is():
+  """``plot_frontier(pipeline.search_bits(...))`` works (what a notebook has in hand); the
+  uniform point is named by the width of its free layers, not by the pinned 8 bits."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from amq_jax import adapters, hessian, pipeline
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for n in (32, 32, 32):
+        x = nn.relu(nn.Dense(n)(x))
+      return nn.Dense(10)(x)
+
+  x = jnp.ones((2, 16))
+  module = MLP()
+  model = adapters.from_linen(module, module.init(jax.random.key(0), x), x)
+  traces = {l.param: hessian.TraceEstimate.from_samples([1.0 + i, 1.2 + i, 0.9 + i], l.params)
+            for i, l in enumerate(model.layers.values())}
+  sc = ml_collections.ConfigDict(dict(bit_choices=(2, 3, 4, 8), pin_first_last=8))
+  res = pipeline.search_bits(model, traces, None, None, sc, budget="uniform:3",
+                             methods=("hawq_v2", "uniform"))
+  view = report.frontier_view(res)
+  assert list(view["uniform"]) == ["3"]
+  assert view["num_points"] == len(view["size_mb"]) >= 2
+  fig = report.plot_frontier(res)
+  ax = fig.axes[0]
+  assert "3-bit" in [t.get_text() for t in ax.texts]
+  lo, hi = ax.get_xlim()
+  assert lo < view["methods"]["hawq_v2"]["size_mb"] < hi
+  assert lo < view["budget"]["size_mb"] < hi

@@ -261,23 +261,8 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
 
 
 def _frontier_for_plot(res: dict) -> dict:
-  """The figure's view of a search result (sizes in MB on the frontier)."""
-  w = res["weights"]
-  fixed = w.get("fixed_bytes", 0.0)
-  axis = w["budget"]["axis"]
-  to_mb = (lambda c: (fixed + c / 8) / 1e6) if axis == "size" else (lambda c: c)
-  uni = {}
-  for name, rec in res["methods"].items():
-    if name == "uniform":
-      uni[str(max(rec["bits"].values()))] = {"size_mb": rec["size_mb"],
-                                             "omega": rec["omega"].get("hawq_v2")}
-  return {"layers": w["layers"], "bit_choices": w["bit_choices"],
-          "budget": {"spec": w["budget"]["spec"], "description": w["budget"]["description"],
-                     "size_mb": to_mb(w["budget"]["cost"])},
-          "size_mb": [to_mb(c) for c in w["frontier"]["cost"]], "omega": w["frontier"]["omega"],
-          "num_points": w["frontier"]["points"], "uniform": uni,
-          "methods": {k: {"size_mb": v["size_mb"], "omega": v["omega"].get("hawq_v2")}
-                      for k, v in res["methods"].items()}}
+  from amq_jax.report import frontier_view
+  return frontier_view(res)
 
 
 def _seeds(cfg) -> list[int]:

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from amq_jax._io import write_bytes
 
-__all__ = ["plot_spectra", "plot_frontier", "plot_bits", "plot_accuracy", "plot_top_eigs"]
+__all__ = ["frontier_view", "plot_spectra", "plot_frontier", "plot_bits", "plot_accuracy", "plot_top_eigs"]
 
 _MARKERS = {"hawq_v2": ("*", "C3"), "uniform": ("s", "C0"), "uniform_above": ("s", "C9"),
             "weight_norm": ("^", "C2"), "hawq_v1": ("D", "C1"), "high_omega": ("v", "C4")}
@@ -84,16 +84,43 @@ def plot_spectra(spectra: dict, path: str | os.PathLike | None = None) -> Figure
   return _save(fig, path)
 
 
+def frontier_view(search: dict) -> dict:
+  """What :func:`plot_frontier` draws of a search result (``pipeline.search_bits``' value or
+  ``search/frontier.json``): frontier sizes in MB, the uniform point labelled by the width
+  of its free (unpinned) layers, every method's size and Omega, the budget."""
+  w = search["weights"]
+  fixed = w.get("fixed_bytes", 0.0)
+  axis = w["budget"]["axis"]
+  to_mb = (lambda c: (fixed + c / 8) / 1e6) if axis == "size" else (lambda c: c)
+  pinned = w.get("pinned") or {}
+  uni = {}
+  for name, rec in search["methods"].items():
+    if name == "uniform":
+      free = [b for l, b in rec["bits"].items() if l not in pinned] or list(rec["bits"].values())
+      uni[str(max(free))] = {"size_mb": rec["size_mb"], "omega": rec["omega"].get("hawq_v2")}
+  return {"layers": w["layers"], "bit_choices": w["bit_choices"],
+          "budget": {"spec": w["budget"]["spec"], "description": w["budget"]["description"],
+                     "size_mb": to_mb(w["budget"]["cost"])},
+          "size_mb": [to_mb(c) for c in w["frontier"]["cost"]], "omega": w["frontier"]["omega"],
+          "num_points": w["frontier"]["points"], "uniform": uni,
+          "methods": {k: {"size_mb": v["size_mb"], "omega": v["omega"].get("hawq_v2")}
+                      for k, v in search["methods"].items()}}
+
+
 def plot_frontier(front: dict, path: str | os.PathLike | None = None,
                   accuracies: dict | None = None) -> Figure:
   """Size vs total Omega: the exact frontier, uniform widths and every method's point.
 
   Args:
-    front: ``{'size_mb': [...], 'omega': [...], 'num_points': n, 'uniform': {bits: {size_mb,
-      omega}}, 'methods': {name: {size_mb, omega}}, 'budget': {'size_mb': ...}}``.
+    front: a search result (``pipeline.search_bits``' value, ``search/frontier.json``) or
+      its :func:`frontier_view`: ``{'size_mb': [...], 'omega': [...], 'num_points': n,
+      'uniform': {bits: {size_mb, omega}}, 'methods': {name: {size_mb, omega}},
+      'budget': {'size_mb': ...}}``.
     path: also write the figure there.
     accuracies: ``{method: accuracy in [0, 1]}``, shown in the legend.
   """
+  if "weights" in front:
+    front = frontier_view(front)
   fig = Figure(figsize=(7, 4))
   ax = fig.add_subplot()
   xs = list(front.get("size_mb", []))
