@@ -245,7 +245,7 @@ def exact_ggn_traces(logits_fn: LogitsFn, params: Any, batches: Any, *,
         (g,) = vjp(S[:, c])
         return jnp.stack([jnp.sum(jnp.square(g[q].astype(jnp.float32))) for q in wrt_])
 
-      return jnp.sum(jax.lax.map(col, jnp.arange(S.shape[1])), axis=0)
+      return jnp.sum(_map_probes(col, S.shape[1]), axis=0)
 
     def run(params, w, batch, weight):
       vals = jax.vmap(per_example, in_axes=(None, None, 0))(params, w, batch)  # [B, L]
