@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amq_jax.errors import NonFiniteError
 from amq_jax.hessian import _sharding
 from amq_jax.hessian._hvp import loss_and_hvp
 from amq_jax.hessian._trace import TraceEstimate
@@ -99,7 +100,7 @@ def activation_traces(model, variables, batch, *, key: jax.Array,
     ``(estimates, per_example)``.
 
   Raises:
-    FloatingPointError: non-finite loss or Hessian-vector product (the message names the
+    NonFiniteError: non-finite loss or Hessian-vector product (the message names the
       example indices and layers).
   """
   apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
@@ -175,7 +176,7 @@ def activation_traces(model, variables, batch, *, key: jax.Array,
   bad_ex = np.flatnonzero(~np.isfinite(losses)).tolist()
   bad_lay = [p for i, p in enumerate(shapes) if not fin[:, i].all()]
   if bad_ex or bad_lay or not np.isfinite(vals).all():
-    raise FloatingPointError(
+    raise NonFiniteError(
         f"non-finite loss on example(s) {bad_ex} and/or non-finite Hessian-vector product "
         f"in layer(s) {bad_lay or [p for i, p in enumerate(shapes) if not np.isfinite(vals[..., i]).all()]}"
         f" on example(s) {np.flatnonzero(~fin.all(1)).tolist()}")
