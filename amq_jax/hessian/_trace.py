@@ -39,7 +39,6 @@ every device count, so results are reproducible for a given key.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
