@@ -233,7 +233,9 @@ SCHEMA: dict[str, Rule] = {
     # stage 'analyze'
     "hessian.num_examples": _int(1, example="256"),
     "hessian.batch_size": _int(1, example="128"),
-    "hessian.estimator": _choice("per_layer", "joint", "adaptive"),
+    "hessian.estimator": _choice("per_layer", "joint", "adaptive", "hutchpp"),
+    "hessian.curvature": _choice("hessian", "ggn", "fisher"),
+    "hessian.confidence": _num(0, 1, lo_open=True, hi_open=True, example="0.6827"),
     "hessian.rtol": _num(0, 1, lo_open=True, hi_open=True, example="0.1"),
     "hessian.min_probes": _int(1, example="4"),
     "hessian.max_probes": _int(1, example="12"),

@@ -38,14 +38,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # Stage 'analyze': Hessian traces and eigenvalues on the first training images.
   c.hessian = ml_collections.ConfigDict()
-  # The defaults keep the whole run within ~20 minutes on 2 CPU cores; see
-  # benchmarks/RESULTS.md for what tighter settings change.
+  # The default measures every layer to a stated precision within the ~20 minute run:
+  # Gauss-Newton curvature (PSD, equal to the Hessian up to the residual term that vanishes
+  # at a trained minimum; one backward pass per probe gives every layer), each layer
+  # stopped when its Student-t interval at `confidence` (0.6827: one standard error) is
+  # within rtol of the trace. The paper's Hessian is one flag away:
+  # --config.hessian.curvature=hessian (estimator per_layer or hutchpp). Figures:
+  # benchmarks/RESULTS.md (bench_curvature.py).
+  c.hessian.curvature = "ggn"    # 'hessian' | 'ggn' | 'fisher'
   c.hessian.num_examples = 256
   c.hessian.batch_size = 128
-  c.hessian.estimator = "per_layer"  # fewest HVPs to a given error here (benchmarks/)
-  c.hessian.rtol = 0.1           # stop a layer when its standard error <= rtol * |trace|
-  c.hessian.min_probes = 4
-  c.hessian.max_probes = 12
+  c.hessian.estimator = "per_layer"  # Hessian estimator: 'per_layer' | 'hutchpp' | 'joint'
+  c.hessian.rtol = 0.05          # relative precision of every layer's trace
+  c.hessian.confidence = 0.6827  # of the Student-t interval (one standard error)
+  c.hessian.min_probes = 10
+  c.hessian.max_probes = 400
   c.hessian.seed = 0
   c.hessian.eig_batches = 1      # batches used for eigenvalues
   c.hessian.eig_tol = 1e-3

@@ -63,8 +63,9 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
     kw["curvature"] = curvature
     if task.logits_fn is not None and curvature != "hessian":
       kw["logits_fn"] = task.logits_fn(model)
-  if "atol" in hc:
-    kw["atol"] = hc.atol
+  for name in ("atol", "confidence"):
+    if name in hc and _supports(hessian.layer_traces, name):
+      kw[name] = hc[name]
   t0 = time.time()
   est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
   layers = hessian.estimates_to_json(est)
@@ -72,7 +73,9 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   out_layers = {}
   for p, e in layers.items():
     out_layers[by_param[p].name] = dict(e, param=p)
-  return {"curvature": curvature, "estimator": hc.estimator, "rtol": hc.rtol,
+  return {"curvature": curvature,
+          "estimator": hc.estimator if curvature == "hessian" else "output-space probes",
+          "rtol": hc.rtol, "confidence": hc.get("confidence"),
           "num_examples": len(batches) * hc.batch_size, "seconds": time.time() - t0,
           "layers": out_layers}
 
