@@ -150,3 +150,10 @@ def test_frontier_draws_a_search_result_as_it_is():
   lo, hi = ax.get_xlim()
   assert lo < view["methods"]["hawq_v2"]["size_mb"] < hi
   assert lo < view["budget"]["size_mb"] < hi
+
+
+def test_figures_display_inline_without_pyplot():
+  """A notebook shows the returned Figure through its PNG repr (no pyplot, no %matplotlib)."""
+  from amq_jax.report import plot_spectra
+  fig = plot_spectra({"layer": {"values": [3.0, 2.0, 1.0]}}, None)
+  assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"

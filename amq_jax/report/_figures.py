@@ -29,7 +29,16 @@ _MARKERS = {"hawq_v2": ("*", "C3"), "uniform": ("s", "C0"), "uniform_above": ("s
 _OUTSIDE = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
 
 
+def _png(fig: Figure) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  return buf.getvalue()
+
+
 def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+  # A Figure made without pyplot has no rich display; give it one, so that a notebook
+  # shows the returned figure inline without %matplotlib or pyplot.
+  fig._repr_png_ = lambda: _png(fig)
   if path is not None:
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
     buf = io.BytesIO()
