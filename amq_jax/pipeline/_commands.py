@@ -86,15 +86,15 @@ def _fp32_stage(cfg, wd: Workdir, module, sample, task: Task, progress: bool):
   path = wd.fp32
 
   def compute():
-    target = jax.jit(lambda k: module.init(k, sample, **_train_kw(module)))(jax.random.key(0))
+    # One jitted init (compiling it costs seconds even for a tiny model), called once.
+    init_fn = jax.jit(lambda k: module.init(k, sample, **_train_kw(module)))
     name = cfg.get("pretrained")
     shipped = train.shipped_checkpoint(name) if name else None
     if shipped:
-      variables = train.restore_variables(shipped, target)
+      variables = train.restore_variables(shipped, init_fn(jax.random.key(0)))
       source = f"shipped checkpoint {os.path.basename(shipped)}"
     else:
-      init = jax.jit(lambda k: module.init(k, sample, **_train_kw(module)))(
-          jax.random.key(int(cfg.seed)))
+      init = init_fn(jax.random.key(int(cfg.seed)))
       m0 = adapters.from_linen(module, init, sample)
       state, res = train.fit(task.train_loss(m0.apply), m0.params, m0.state, task.train_source,
                              cfg.train, workdir=wd.path("fp32", "train", mkdir=True),
