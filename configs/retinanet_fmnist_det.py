@@ -93,7 +93,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.test_images = 16
     c.train.update(dict(batch_size=8, num_steps=6, warmup_steps=0, checkpoint_every_steps=3,
                         log_every_steps=3, eval_batch_size=16))
-    c.hessian.update(dict(num_examples=8, batch_size=8, min_probes=2, max_probes=2,
+    c.hessian.update(dict(num_examples=8, batch_size=8, min_probes=4, max_probes=4,
                           act_examples=8, act_probes=2, calib_examples=16))
     c.finetune.update(dict(num_steps=3, batch_size=8, warmup_steps=0, calib_examples=16,
                            checkpoint_every_steps=2, log_every_steps=3, eval_batch_size=16,
