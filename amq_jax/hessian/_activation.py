@@ -13,9 +13,10 @@ mode (examples independent) the Hessian of the BATCH-MEAN loss ``(1/B) sum_n l_n
 the whole batch's activation ``(a_{1,i}, ..., a_{B,i})`` is block diagonal with blocks
 ``(1/B) d^2 l_n / d a_{n,i}^2``, so its trace is the same ``T_i``.
 
-Mechanics: ``flax.linen.intercept_methods`` adds a perturbation ``eps_i`` to the first
-argument of every Conv/Dense ``__call__`` whose module path (``'stage1_block1/conv1'``,
-the kernel path without ``/kernel``) is selected; the model is unchanged. The Hessian w.r.t.
+Mechanics: the Linen adapter's input hook (:func:`amq_jax.adapters.from_linen`, the one
+place that intercepts layer calls) adds a perturbation ``eps_i`` to the input of every
+quantizable layer whose name (``'stage1_block1/conv1'``, the kernel path without
+``/kernel``) is selected; the model is unchanged. The Hessian w.r.t.
 ``eps`` at ``eps = 0`` is the activation Hessian. Each example is processed with ``vmap``
 (a batch of one inside), and Hutchinson probes estimate every layer's trace jointly:
 ``z_i^T (H_n z)_i``, probe ``j`` of layer ``i`` on example ``n`` drawn from
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,38 +35,27 @@ from amq_jax.hessian import _sharding
 from amq_jax.hessian._hvp import loss_and_hvp
 from amq_jax.hessian._trace import TraceEstimate
 
-__all__ = ["activation_traces", "QUANTIZED_MODULES"]
-
-QUANTIZED_MODULES = (nn.Conv, nn.Dense, nn.ConvTranspose)
+__all__ = ["activation_traces"]
 
 
-def _module_path(mod) -> str:
-  return "/".join(mod.path)
+def _adapted(model, variables, example, apply_kwargs):
+  """The Linen adapter of ``model`` (its layer table and input hooks) and the ``train``
+  value to apply it with."""
+  from amq_jax.adapters import from_linen
+  kw = dict(apply_kwargs)
+  train = bool(kw.pop("train", False))
+  m = from_linen(model, variables, example[None], train_kwarg="train" in apply_kwargs,
+                 apply_kwargs=kw)
+  return m, train
 
 
-def _input_shapes(model, variables, example, apply_kwargs) -> dict[str, tuple]:
-  """``{module path: input shape of one example (no batch dim)}`` in call order."""
-  shapes: dict[str, tuple] = {}
-  calls: dict[str, int] = {}
-
-  def record(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == "__call__" and isinstance(mod, QUANTIZED_MODULES):
-      p = _module_path(mod)
-      calls[p] = calls.get(p, 0) + 1
-      shapes[p] = tuple(args[0].shape[1:])
-    return next_fun(*args, **kwargs)
-
-  def run(v, x):
-    with nn.intercept_methods(record):
-      return model.apply(v, x, **apply_kwargs)
-
-  jax.eval_shape(run, variables, example[None])
-  shared = [p for p, c in calls.items() if c > 1]
+def _input_shapes(m) -> dict[str, tuple]:
+  """``{layer name: input shape of one example (no batch dim)}`` in call order."""
+  shared = [l.name for l in m.layers.values() if l.calls > 1]
   if shared:
     raise ValueError(f"module(s) {shared} are called more than once per forward pass; "
                      "their input activation is not unique")
-  return shapes
+  return {l.name: tuple(l.in_shape) for l in m.layers.values()}
 
 
 def activation_traces(model, variables, batch, *, key: jax.Array,
@@ -106,7 +95,8 @@ def activation_traces(model, variables, batch, *, key: jax.Array,
   apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
   mesh = _sharding.default_mesh() if mesh is None else mesh
   images, labels = batch["image"], batch["label"]
-  all_shapes = _input_shapes(model, variables, jnp.asarray(images[0]), apply_kwargs)
+  adapted, train = _adapted(model, variables, jnp.asarray(images[0]), apply_kwargs)
+  all_shapes = _input_shapes(adapted)
   if layers is None:
     paths = list(all_shapes)
   else:
@@ -125,15 +115,11 @@ def activation_traces(model, variables, batch, *, key: jax.Array,
     raise ValueError(f"loss must be 'xent' or a callable, got {loss!r}")
 
   def example_loss(eps, variables, x, y):
-    def add_eps(next_fun, args, kwargs, context):
-      mod = context.module
-      if context.method_name == "__call__" and isinstance(mod, QUANTIZED_MODULES):
-        p = _module_path(mod)
-        if p in eps:
-          args = (args[0] + eps[p].astype(args[0].dtype),) + tuple(args[1:])
-      return next_fun(*args, **kwargs)
-    with nn.intercept_methods(add_eps):
-      logits = model.apply(variables, x[None], **apply_kwargs)
+    def add_eps(name, a):
+      return a + eps[name].astype(a.dtype) if name in eps else a
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    logits, _ = adapted.act_apply(params, state, x[None], add_eps, train=train)
     return per_example(logits, y[None])[0]
 
   def one_example(variables, x, y, n, key, j):

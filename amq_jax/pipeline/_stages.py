@@ -92,11 +92,12 @@ def analyze_eigenvalues(model: Model, task: Task, hc, *, progress: bool = True) 
   if progress:
     from tqdm.auto import tqdm
     it = tqdm(layers, desc="top eigenvalue per layer", unit="layer", dynamic_ncols=True)
+  quiet = {"progress": False} if _supports(hessian.top_eigenvalues, "progress") else {}
   top1 = {}
   for i, l in enumerate(it):
     r = hessian.top_eigenvalues(loss_fn, model.params, batches, key=jax.random.fold_in(key, i),
                                 k=1, layer=l.param, method=hc.top1_method, tol=hc.eig_tol,
-                                max_iters=hc.top1_iters)
+                                max_iters=hc.top1_iters, **quiet)
     top1[l.name] = {"value": float(r.values[0]), "iterations": int(r.iterations),
                     "converged": bool(r.converged), "residual": float(r.residuals[0])}
   spectra = {}
@@ -105,7 +106,7 @@ def analyze_eigenvalues(model: Model, task: Task, hc, *, progress: bool = True) 
     r = hessian.top_eigenvalues(loss_fn, model.params, batches,
                                 key=jax.random.fold_in(key, 1000 + j), k=min(hc.eig_k, l.params),
                                 layer=l.param, method="lanczos", tol=hc.eig_tol,
-                                max_iters=hc.spectrum_iters)
+                                max_iters=hc.spectrum_iters, progress=progress)
     vals = [float(v) for v in r.values]
     spectra[l.name] = {"values": vals, "iterations": int(r.iterations),
                        "residuals": [float(x) for x in r.residuals],
