@@ -92,6 +92,11 @@ def test_run_end_to_end(run_dir):
   assert _json(os.path.join(wd, "report.json")) == json.loads(json.dumps(report))
   rows = _rows(report)
   assert set(rows) == {"hawq_v2", "uniform"} and report["metric"] == "accuracy"
+  # Every stage that iterates leaves JSON-lines metrics: analyze one line per layer.
+  with open(os.path.join(wd, "analyze", "metrics.jsonl")) as f:
+    lines = [json.loads(l) for l in f]
+  assert [l["layer"] for l in lines][0] == "stem_conv" and len(lines) == 10
+  assert all(l["status"] in ("converged", "max_probes", "negative", "near_zero") for l in lines)
   hv2, uni = rows["hawq_v2"], rows["uniform"]
   frontier = _json(os.path.join(wd, "search", "frontier.json"))
   w = frontier["weights"]

@@ -189,9 +189,15 @@ def _analyze_fp(exp: Experiment) -> str:
 def _analyze(exp: Experiment, *, force=False) -> dict:
   wd, hc = exp.wd, exp.cfg.hessian
   fp = _analyze_fp(exp)
-  wd.cached("analyze.traces", fp, [wd.traces], lambda: _io.write_json(
-      wd.traces, _stages.analyze_traces(exp.model, exp.task, hc, progress=exp.progress)),
-      force=force)
+  def traces():
+    res = _stages.analyze_traces(exp.model, exp.task, hc, progress=exp.progress)
+    _io.write_json(wd.traces, res)
+    _write_jsonl(wd.path("analyze", "metrics.jsonl"), [
+        dict(stage="analyze", layer=name, curvature=res["curvature"],
+             **{k: e.get(k) for k in ("trace", "stderr", "probes", "status", "avg_trace")})
+        for name, e in res["layers"].items()])
+
+  wd.cached("analyze.traces", fp, [wd.traces], traces, force=force)
   out = {"traces": _io.read_json(wd.traces, what="amq-jax analyze")}
   if hc.get("eig_layers") is not None and int(hc.get("top1_iters", 0) or 0) > 0:
     def eig():
@@ -214,6 +220,12 @@ def _analyze(exp: Experiment, *, force=False) -> dict:
             progress=exp.progress)), force=force)
     out["activations"] = _io.read_json(wd.activations, what="amq-jax analyze")
   return out
+
+
+def _write_jsonl(path: str, records) -> None:
+  """One JSON object per line (the metrics format of every stage that iterates)."""
+  import json
+  _io.write_text(path, "".join(json.dumps(r, default=_io.to_jsonable) + "\n" for r in records))
 
 
 def _methods(cfg, methods) -> tuple[str, ...]:
