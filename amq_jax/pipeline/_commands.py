@@ -263,18 +263,13 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
     _io.write_json(wd.bits, res["methods"]["hawq_v2"]["config"])
     _io.write_json(wd.frontier, res)
     try:
-      from amq_jax.report import plot_frontier
-      plot_frontier(_frontier_for_plot(res), wd.path("search", "frontier.png"))
+      from amq_jax.report import frontier_view, plot_frontier
+      plot_frontier(frontier_view(res), wd.path("search", "frontier.png"))
     except Exception as e:  # noqa: BLE001
       warnings.warn(f"could not draw search/frontier.png: {e}")
 
   wd.cached("search", fp, [wd.frontier, wd.bits], compute)
   return _io.read_json(wd.frontier, what="amq-jax search")
-
-
-def _frontier_for_plot(res: dict) -> dict:
-  from amq_jax.report import frontier_view
-  return frontier_view(res)
 
 
 def _seeds(cfg) -> list[int]:
@@ -421,10 +416,10 @@ def format_bits_table(res: dict) -> str:
 
 
 def _write_report(exp: Experiment, analysis: dict, res: dict, results: dict) -> dict:
-  from amq_jax.report import write_report
+  from amq_jax.report import frontier_view, write_report
   wd = exp.wd
   fp32 = _io.read_json(wd.path("fp32", "eval.json"), what="the FP32 evaluation")
   return write_report(wd.root, config_name=exp.cfg.get("name", exp.cfg.model),
                       metric=exp.task.metric, fp32=fp32, search=res, results=results,
                       analysis=analysis, stages=wd.stages(), reused=dict(wd.reused),
-                      frontier_plot=_frontier_for_plot(res))
+                      frontier_plot=frontier_view(res))

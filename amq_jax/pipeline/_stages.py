@@ -9,7 +9,6 @@ results in a work directory and write the report.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -34,13 +33,6 @@ def _progress(cfg_value, default=True) -> bool:
   return default if cfg_value is None else bool(cfg_value)
 
 
-def _supports(fn, name: str) -> bool:
-  try:
-    return name in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
 # ---------------------------------------------------------------------------------------
 # analyze
 # ---------------------------------------------------------------------------------------
@@ -56,15 +48,14 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   kw = dict(key=jax.random.key(hc.seed), wrt=model.layers.params_paths,
             estimator=hc.estimator, rtol=hc.rtol, min_probes=hc.min_probes,
             max_probes=hc.max_probes, progress=progress)
-  if curvature != "hessian" or _supports(hessian.layer_traces, "curvature"):
-    if curvature != "hessian" and task.logits_fn is None:
+  kw["curvature"] = curvature
+  if curvature != "hessian":
+    if task.logits_fn is None:
       raise ConfigError(f"hessian.curvature={curvature!r} needs logits (a task with "
                         "logits_fn); use 'hessian' for this task")
-    kw["curvature"] = curvature
-    if task.logits_fn is not None and curvature != "hessian":
-      kw["logits_fn"] = task.logits_fn(model)
+    kw["logits_fn"] = task.logits_fn(model)
   for name in ("atol", "confidence"):
-    if name in hc and _supports(hessian.layer_traces, name):
+    if name in hc:
       kw[name] = hc[name]
   t0 = time.time()
   est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
@@ -92,12 +83,11 @@ def analyze_eigenvalues(model: Model, task: Task, hc, *, progress: bool = True) 
   if progress:
     from tqdm.auto import tqdm
     it = tqdm(layers, desc="top eigenvalue per layer", unit="layer", dynamic_ncols=True)
-  quiet = {"progress": False} if _supports(hessian.top_eigenvalues, "progress") else {}
   top1 = {}
   for i, l in enumerate(it):
     r = hessian.top_eigenvalues(loss_fn, model.params, batches, key=jax.random.fold_in(key, i),
                                 k=1, layer=l.param, method=hc.top1_method, tol=hc.eig_tol,
-                                max_iters=hc.top1_iters, **quiet)
+                                max_iters=hc.top1_iters, progress=False)
     top1[l.name] = {"value": float(r.values[0]), "iterations": int(r.iterations),
                     "converged": bool(r.converged), "residual": float(r.residuals[0])}
   spectra = {}
@@ -184,21 +174,6 @@ def analyze_activations(model: Model, task: Task, hc, act_bit_choices, *, calib_
 # ---------------------------------------------------------------------------------------
 # search
 # ---------------------------------------------------------------------------------------
-def _with_layers(fn, model: Model, *args, **kw):
-  """Calls ``fn`` with the model's layer table (weight leaves and channel axes) where it
-  takes one as a keyword."""
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    params = {}
-  for name in ("layer_table", "layers"):
-    p = params.get(name)
-    if p is not None and p.kind is inspect.Parameter.KEYWORD_ONLY:
-      kw[name] = model.layers
-      break
-  return fn(*args, **kw)
-
-
 def _ties(model: Model, sc) -> list[list[str]]:
   import re
   groups = []
@@ -219,10 +194,8 @@ def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc) ->
   names = model.layers.names
   bits = tuple(int(b) for b in sc.bit_choices)
   symmetric = bool(sc.get("symmetric", True))
-  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers,
-                        bits, symmetric=symmetric)
-  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers,
-                       symmetric=symmetric)
+  errors = alloc.quant_errors(model.params, model.layers, bits, symmetric=symmetric)
+  fixed = alloc.fixed_size_bytes(model.params, model.layers, symmetric=symmetric)
   avg = None
   if traces is not None:
     if traces and all(isinstance(v, hessian.TraceEstimate) for v in traces.values()):
@@ -243,10 +216,7 @@ def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc) ->
 def hessian_avg_traces(traces: dict) -> dict[str, float]:
   """``{layer: Tr/n}`` used in Omega (see ``hessian.sensitivity_traces`` for the treatment
   of negative and near-zero estimates when available)."""
-  layers = traces["layers"]
-  if hasattr(hessian, "sensitivity_traces"):
-    return dict(hessian.sensitivity_traces(layers).avg_traces)
-  return {k: v["avg_trace"] for k, v in layers.items()}
+  return dict(hessian.sensitivity_traces(traces["layers"]).avg_traces)
 
 
 def act_problem(model: Model, acts: dict, sc, weight_bits: Sequence[int]) -> alloc.Problem:
@@ -316,8 +286,8 @@ def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dic
       key = "uniform" if m == "uniform_act" else "hawq_v2"
       ar = act_res["methods"][key]
       r["act"] = {k: ar[k] for k in ar if k != "bits"}
-    r["size_mb"] = _with_layers(alloc.model_size_mb, model, model.params, r["config"],
-                                symmetric=bool(sc.get("symmetric", True)))
+    r["size_mb"] = alloc.model_size_mb(model.params, r["config"], layers=model.layers,
+                                       symmetric=bool(sc.get("symmetric", True)))
   return {"weights": w, "activations": act_res, "methods": records}
 
 
@@ -382,13 +352,13 @@ def export_model(model: Model, path: str, params, state, bits: quant.BitConfig, 
   """Packed weights (``path``) + float32 inference state (``path + '.state'``); the packed
   payload must equal the size the search used (``sizes_agree``)."""
   import flax.serialization
-  info = _with_layers(quant.export_packed, model, params, bits, path, symmetric=symmetric)
+  info = quant.export_packed(params, bits, path, layers=model.layers, symmetric=symmetric)
   _io.write_bytes(path + ".state", flax.serialization.msgpack_serialize(
       {"state": jax.device_get(state) if state else {},
        "act_ranges": {k: [float(x) for x in v] for k, v in (ranges or {}).items()},
        "bits": bits.to_dict()}))
-  computed = _with_layers(alloc.model_size_bytes, model, params, bits.to_dict(),
-                          symmetric=symmetric)
+  computed = alloc.model_size_bytes(params, bits.to_dict(), layers=model.layers,
+                                    symmetric=symmetric)
   return {"file_bytes": os.path.getsize(path), "payload_bytes": info["payload_bytes"],
           "header_bytes": info["header_bytes"], "computed_bytes": computed,
           "sizes_agree": info["payload_bytes"] == computed,
@@ -429,32 +399,23 @@ def auto_bits(model: Model, traces, *, budget: str = "avg:4",
   ...                               wrt=model.layers.params_paths)
   >>> bits, info = pipeline.auto_bits(model, traces, budget='avg:3', pin_first_last=8)
   """
+  import ml_collections
   by_param = model.layers.by_param()
-  avg = {}
-  for k, v in dict(traces).items():
-    name = by_param[k].name if k in by_param else model.layers[k].name
-    avg[name] = float(getattr(v, "avg_trace", v))
-  if hasattr(hessian, "sensitivity_traces") and all(hasattr(v, "status") for v in
-                                                      dict(traces).values()):
-    sens = hessian.sensitivity_traces(traces).avg_traces
-    avg = {(by_param[k].name if k in by_param else k): float(v) for k, v in sens.items()}
-  missing = [l for l in model.layers.names if l not in avg]
+  named = {(by_param[k].name if k in by_param else model.layers[k].name): v
+           for k, v in dict(traces).items()}
+  missing = [l for l in model.layers.names if l not in named]
   if missing:
     from amq_jax.errors import LayerError
     raise LayerError(f"no trace for layers {missing}; measure every layer "
                      "(wrt=model.layers.params_paths)")
+  sc = ml_collections.ConfigDict(dict(bit_choices=tuple(bit_choices), symmetric=symmetric,
+                                      act_bits=act_bits, pin_first_last=pin_first_last))
+  pb = weight_problem(model, {"layers": named}, None, sc)
   names = model.layers.names
-  errors = _with_layers(alloc.quant_errors, model, model.params, model.layers,
-                        tuple(bit_choices), symmetric=symmetric)
-  fixed = _with_layers(alloc.fixed_size_bytes, model, model.params, model.layers,
-                       symmetric=symmetric)
-  pb = alloc.Problem(names, model.layers.counts(), tuple(bit_choices), errors,
-                     avg_traces=avg, macs=model.layers.macs(), other_bits=act_bits,
-                     fixed_bytes=fixed, pinned=alloc.pins_first_last(names, pin_first_last))
   bits = pb.select(budget)
   cfg = quant.BitConfig({l: {"w": int(b), "a": act_bits} for l, b in zip(names, bits)})
   rec = pb.record(bits)
-  return cfg, {"size_mb": _with_layers(alloc.model_size_mb, model, model.params, cfg.to_dict(),
-                                       symmetric=symmetric),
+  return cfg, {"size_mb": alloc.model_size_mb(model.params, cfg.to_dict(), layers=model.layers,
+                                              symmetric=symmetric),
                "avg_bits": rec["avg_bits"], "omega": rec["omega"].get("hawq_v2"),
                "bits": dict(zip(names, map(int, bits)))}
