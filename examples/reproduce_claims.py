@@ -2,12 +2,14 @@
 
   python examples/reproduce_claims.py --workdir runs/claims \
       [--budgets avg:2.25 avg:2.5 avg:3 avg:4] [--seeds 3] [--epochs 0.5] \
-      [--methods hawq_v2 weight_norm hawq_v1 high_omega random uniform] \
-      [--rank-configs 30] [--rank-qat 10] [--out benchmarks/claims.json]
+      [--methods hawq_v2 weight_norm hawq_v1 high_omega random uniform] [--num-random 3] \
+      [--also hessian] [--rank-configs 30] [--rank-qat 10] [--out benchmarks/claims.json]
 
-One float model (the shipped checkpoint), one analysis (Hessian traces, eigenvalues; GGN
-traces too with --ggn), then for every budget every method fine-tuned the same way with
-``--seeds`` data orders. For each method and budget: accuracy after calibrated post-training
+One float model (the shipped checkpoint), one analysis (traces with the config's curvature,
+GGN by default; eigenvalues), optionally traces with a second curvature (``--also hessian``:
+the paper's Hessian, whose HAWQ-V2 pick joins the sweep as ``hawq_v2_<curvature>``), then
+for every budget every method fine-tuned the same way with ``--seeds`` data orders.
+Identical configurations (two methods agreeing) are fine-tuned once. For each method and budget: accuracy after calibrated post-training
 quantization (PTQ) and after QAT, mean +- std; a figure of accuracy vs size with error bars.
 
 Does Omega rank configurations? At the first budget's size, ``--rank-configs`` random
@@ -80,22 +82,29 @@ def paired(a: list[float], b: list[float]) -> dict:
 
 
 def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
-  """One cached fine-tune (fingerprint: bits, fine-tune settings, seed)."""
+  """One cached fine-tune, stored under the configuration's fingerprint (bits, fine-tune
+  settings, seed): two methods that pick the same bits share it. The metric before
+  fine-tuning is measured with seed 0 only (it does not depend on the seed)."""
   import ml_collections
   fc = ml_collections.ConfigDict(exp.cfg.finetune.to_dict())
   fc.num_epochs = float(epochs)
   fc.num_steps = None
   bits = quant.BitConfig(config)
-  out = os.path.join(exp.wd.root, "claims", name, f"seed{seed}")
+  key = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc)[:12]
+  out = os.path.join(exp.wd.root, "claims", key, f"seed{seed}")
   rpath = os.path.join(out, "result.json")
   fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, seed)
 
   def compute():
     res = _stages.finetune_bits(exp.model, exp.task, bits, fc, out, seed=seed,
-                                progress=exp.progress, desc=f"{name} seed {seed}")
+                                progress=exp.progress, desc=f"{name} seed {seed}",
+                                evaluate_before=seed == 0, check_export=False)
     _io.write_json(rpath, res)
-  exp.wd.cached(f"claims/{name}/seed{seed}", fp, [rpath], compute, clear=[out])
-  return _io.read_json(rpath)
+  exp.wd.cached(f"claims/{key}/seed{seed}", fp, [rpath], compute, clear=[out])
+  res = _io.read_json(rpath)
+  if seed != 0:
+    res["ptq_accuracy"] = qat(exp, name, config, 0, epochs)["ptq_accuracy"]
+  return res
 
 
 def ptq_accuracy(exp, config: dict, calib) -> float:
@@ -114,11 +123,18 @@ def main(argv=None):
   ap.add_argument("--methods", nargs="+",
                   default=["hawq_v2", "weight_norm", "hawq_v1", "high_omega", "random",
                            "uniform"])
+  ap.add_argument("--num-random", type=int, default=3,
+                  help="random configurations per budget in the sweep (method 'random')")
+  ap.add_argument("--also", choices=("hessian", "ggn", "fisher"), default=None,
+                  help="traces with a second curvature: its HAWQ-V2 pick joins the sweep "
+                       "and its Omega the ranking test")
+  ap.add_argument("--also-estimator", default=None,
+                  help="estimator for --also hessian (default: the config's)")
+  ap.add_argument("--also-max-probes", type=int, default=None)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--epochs", type=float, default=0.5, help="fine-tuning epochs per run")
   ap.add_argument("--rank-configs", type=int, default=30)
   ap.add_argument("--rank-qat", type=int, default=10)
-  ap.add_argument("--ggn", action="store_true", help="also rank with GGN traces")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*", help="config overrides FIELD=VALUE")
   args = ap.parse_args(argv)
@@ -129,24 +145,43 @@ def main(argv=None):
     t0 = time.perf_counter()
     analysis = _commands._analyze(exp)
     traces, eig = analysis["traces"], analysis["eigenvalues"]
-    sens = {"hessian": traces}
-    if args.ggn:
+    primary = cfg.hessian.get("curvature", "hessian")
+    analysis_s = time.perf_counter() - t0
+    also = None
+    if args.also and args.also != primary:
       import ml_collections
       hc = ml_collections.ConfigDict(cfg.hessian.to_dict())
-      hc.curvature = "ggn"
-      path = exp.wd.path("analyze", "traces_ggn.json")
-      exp.wd.cached("analyze.ggn", fingerprint("ggn", exp.fp32_fp, hc), [path],
+      hc.curvature = args.also
+      if args.also_estimator:
+        hc.estimator = args.also_estimator
+      if args.also_max_probes:
+        hc.max_probes = args.also_max_probes
+      path = exp.wd.path("analyze", f"traces_{args.also}.json")
+      exp.wd.cached(f"analyze.{args.also}", fingerprint(args.also, exp.fp32_fp, hc), [path],
                     lambda: _io.write_json(path, _stages.analyze_traces(exp.model, exp.task, hc)))
-      sens["ggn"] = _io.read_json(path)
-    out = {"config": args.config, "seeds": args.seeds, "epochs": args.epochs,
-           "budgets": {}, "machine": os.uname().nodename}
+      also = _io.read_json(path)
+    out = {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
+           "epochs": args.epochs, "curvature": primary, "also": args.also,
+           "budgets": {}, "machine": f"{os.uname().nodename}, {os.cpu_count()} CPUs",
+           "jax": jax.__version__, "analysis_seconds": analysis_s,
+           "traces": {"curvature": primary, "statuses": _statuses(traces)}}
+    if also is not None:
+      out["traces_also"] = {"curvature": args.also, "statuses": _statuses(also),
+                            "seconds": also.get("seconds"),
+                            "spearman_vs_primary": _trace_rank(traces, also)}
+    wall = lambda: time.time() - t_start  # noqa: E731
+    save = lambda: args.out and _io.write_json(args.out, dict(out, seconds=wall()))  # noqa
     # -- accuracy vs size at every budget --------------------------------------------------
     search_s = None
     for budget in args.budgets:
       t1 = time.perf_counter()
       res = _stages.search_bits(exp.model, traces, eig, None, cfg.search, budget=budget,
-                                methods=args.methods, num_random=3)
+                                methods=args.methods, num_random=args.num_random)
       search_s = search_s or time.perf_counter() - t1
+      if also is not None:
+        ra = _stages.search_bits(exp.model, also, None, None, cfg.search, budget=budget,
+                                 methods=["hawq_v2"])
+        res["methods"][f"hawq_v2_{args.also}"] = ra["methods"]["hawq_v2"]
       rows = {}
       for m, rec in res["methods"].items():
         rs = [qat(exp, f"{budget.replace(':', '')}_{m}", rec["config"], s, args.epochs)
@@ -156,16 +191,22 @@ def main(argv=None):
                    "omega": rec["omega"], "ptq": rs[0]["ptq_accuracy"],
                    "qat_mean": float(np.mean(acc)),
                    "qat_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
-                   "qat": acc, "seconds_per_epoch": rs[0]["seconds"] / args.epochs}
+                   "qat": acc, "bits": rec["bits"],
+                   "seconds_per_epoch": rs[0]["seconds"] / args.epochs}
+      pairs = {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
+               "b_low_vs_high_omega": ("hawq_v2", "high_omega"),
+               "c_hawq_v2_vs_hawq_v1": ("hawq_v2", "hawq_v1"),
+               "hawq_v2_vs_uniform": ("hawq_v2", "uniform")}
+      if also is not None:
+        pairs[f"{primary}_vs_{args.also}"] = ("hawq_v2", f"hawq_v2_{args.also}")
       claims = {}
-      for key, (a, b) in {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
-                          "b_low_vs_high_omega": ("hawq_v2", "high_omega"),
-                          "c_hawq_v2_vs_hawq_v1": ("hawq_v2", "hawq_v1")}.items():
+      for key, (a, b) in pairs.items():
         if a in rows and b in rows:
           same = res["methods"][a]["bits"] == res["methods"][b]["bits"]
           claims[key] = dict(paired(rows[a]["qat"], rows[b]["qat"]), same_configuration=same)
       out["budgets"][budget] = {"rows": rows, "claims": claims}
-      print(budget, json.dumps(claims))
+      print(budget, json.dumps(claims), flush=True)
+      save()
     # -- does Omega rank configurations? ----------------------------------------------------
     b0 = args.budgets[0]
     pb = _stages.weight_problem(exp.model, traces, eig, cfg.search)
@@ -178,12 +219,14 @@ def main(argv=None):
     ptq = [ptq_accuracy(exp, {l: {"w": int(b), "a": act} for l, b in zip(names, c)}, calib)
            for c in configs]
     omegas = {m: [pb.omega_of(c, m) for c in configs] for m in pb.methods}
-    if "ggn" in sens:
-      pg = _stages.weight_problem(exp.model, sens["ggn"], None, cfg.search)
-      omegas["ggn"] = [pg.omega_of(c, "hawq_v2") for c in configs]
+    omegas[f"hawq_v2[{primary}]"] = omegas.pop("hawq_v2")
+    if also is not None:
+      pa = _stages.weight_problem(exp.model, also, None, cfg.search)
+      omegas[f"hawq_v2[{args.also}]"] = [pa.omega_of(c, "hawq_v2") for c in configs]
     rank = {"budget": b0, "configs": len(configs), "ptq": {}, "qat": {}}
     for m, om in omegas.items():
       rank["ptq"][m] = {"spearman": spearman(om, ptq), "ci95": bootstrap_ci(om, ptq)}
+    save()
     k = min(args.rank_qat, len(configs))
     qat_acc = [qat(exp, f"rank{i}", {l: {"w": int(b), "a": act} for l, b in zip(names, c)},
                    0, args.epochs)["accuracy"] for i, c in enumerate(configs[:k])]
@@ -201,11 +244,30 @@ def main(argv=None):
     out["e"] = {"search_seconds": e_search, "episode_seconds": epoch_s,
                 "speedup_vs_haq_600_episodes": 600 * epoch_s / e_search}
     out["seconds"] = time.time() - t_start
+    save()
   _plot(out, os.path.join(args.workdir, "accuracy_vs_size.png"))
-  print(json.dumps({k: v for k, v in out.items() if k != "budgets"}, indent=1, default=str)[:4000])
   if args.out:
-    _io.write_json(args.out, out)
+    _plot(out, os.path.splitext(args.out)[0] + ".png")
+  print(json.dumps({k: v for k, v in out.items() if k != "budgets"}, indent=1, default=str)[:4000])
   return out
+
+
+def _statuses(traces: dict) -> dict:
+  """How many layers ended in each status (converged / max_probes / negative / near_zero)."""
+  counts: dict[str, int] = {}
+  for rec in traces["layers"].values() if "layers" in traces else []:
+    st = rec.get("status", "converged" if rec.get("converged") else "max_probes")
+    counts[st] = counts.get(st, 0) + 1
+  return counts
+
+
+def _trace_rank(a: dict, b: dict) -> float | None:
+  """Spearman correlation of two trace files' per-layer traces (common layers)."""
+  la, lb = a.get("layers", {}), b.get("layers", {})
+  common = [k for k in la if k in lb]
+  if len(common) < 3:
+    return None
+  return spearman([la[k]["trace"] for k in common], [lb[k]["trace"] for k in common])
 
 
 def _plot(out: dict, path: str) -> None:

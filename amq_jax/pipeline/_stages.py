@@ -302,13 +302,17 @@ def calibrate(model: Model, task: Task, bits: quant.BitConfig, fc) -> dict:
 
 def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: str, *,
                   seed: int, symmetric: bool = True, progress: bool = True,
-                  desc: str = "finetune") -> dict:
+                  desc: str = "finetune", evaluate_before: bool = True,
+                  check_export: bool = True) -> dict:
   """QAT of ``bits`` from the float model into ``out_dir`` (resumable), export, re-check.
 
   Weights are fake-quantized per output channel (straight-through); inputs of layers with
   an ``'a'`` width use ranges calibrated once on the first training examples. The result
   holds the task metric before (post-training quantization) and after fine-tuning, and of
-  the exported packed file evaluated again.
+  the exported packed file evaluated again. A sweep that already knows the metric before
+  fine-tuning (``evaluate_before=False``: ``ptq_<metric>`` is None) or needs no proof that the
+  packed file evaluates the same (``check_export=False``: still exported and size-checked,
+  ``exported_<metric>`` is None) saves one test-set pass each.
   """
   from amq_jax import train
 
@@ -324,7 +328,7 @@ def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: 
   else:
     ranges = {}
   qapply = quant.quantize_model(model, bits, act_ranges=ranges, symmetric=symmetric)
-  before = task.evaluate(qapply, model.params, model.state)
+  before = task.evaluate(qapply, model.params, model.state) if evaluate_before else {}
   state, res = train.fit(task.train_loss(qapply), model.params, model.state,
                          task.train_source, fc, workdir=out_dir, seed=int(seed), desc=desc,
                          progress=progress, field_prefix="finetune")
@@ -335,12 +339,14 @@ def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: 
                          f"--config.finetune.learning_rate (now {fc.learning_rate})")
   export = export_model(model, os.path.join(out_dir, "model.amq"), params, mstate, bits,
                         ranges, symmetric=symmetric)
-  exp_params, exp_state = load_exported(model, os.path.join(out_dir, "model.amq"))
-  exported = task.evaluate(qapply, exp_params, exp_state)
+  exported = {}
+  if check_export:
+    exp_params, exp_state = load_exported(model, os.path.join(out_dir, "model.amq"))
+    exported = task.evaluate(qapply, exp_params, exp_state)
   m = task.metric
   return {"bits": {l: bits[l]["w"] for l in bits.layers},
           "act_bits": {l: bits[l]["a"] for l in bits.layers},
-          f"ptq_{m}": before[m], m: after[m], f"exported_{m}": exported[m],
+          f"ptq_{m}": before.get(m), m: after[m], f"exported_{m}": exported.get(m),
           "test_metrics": after, "ptq_metrics": before, "export": export,
           "size_mb": export["computed_bytes"] / alloc.MB, "seed": int(seed),
           "train": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
