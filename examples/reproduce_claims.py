@@ -108,10 +108,17 @@ def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
 
 
 def ptq_accuracy(exp, config: dict, calib) -> float:
+  """Calibrated post-training accuracy of one configuration, cached by its fingerprint."""
   bits = quant.BitConfig(config)
+  key = fingerprint("ptq", exp.fp32_fp, bits.to_dict(), exp.cfg.finetune.calib_method)[:12]
+  path = os.path.join(exp.wd.root, "claims", "ptq", f"{key}.json")
+  if os.path.isfile(path):
+    return float(_io.read_json(path)["accuracy"])
   ranges = quant.calibrate_model(exp.model, calib, bits, method=exp.cfg.finetune.calib_method)
   apply = quant.quantize_model(exp.model, bits, act_ranges=ranges)
-  return float(exp.task.evaluate(apply, exp.model.params, exp.model.state)["accuracy"])
+  acc = float(exp.task.evaluate(apply, exp.model.params, exp.model.state)["accuracy"])
+  _io.write_json(path, {"accuracy": acc, "bits": bits.to_dict()})
+  return acc
 
 
 def main(argv=None):
@@ -135,6 +142,8 @@ def main(argv=None):
   ap.add_argument("--epochs", type=float, default=0.5, help="fine-tuning epochs per run")
   ap.add_argument("--rank-configs", type=int, default=30)
   ap.add_argument("--rank-qat", type=int, default=10)
+  ap.add_argument("--rank-budget", default=None, help="budget of the ranking test "
+                  "(default: the first of --budgets)")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*", help="config overrides FIELD=VALUE")
   args = ap.parse_args(argv)
@@ -171,6 +180,30 @@ def main(argv=None):
                             "spearman_vs_primary": _trace_rank(traces, also)}
     wall = lambda: time.time() - t_start  # noqa: E731
     save = lambda: args.out and _io.write_json(args.out, dict(out, seconds=wall()))  # noqa
+    # -- does Omega rank configurations? (after PTQ first: cheap, and the premise) ----------
+    b0 = args.rank_budget or args.budgets[0]
+    pb = _stages.weight_problem(exp.model, traces, eig, cfg.search)
+    calib = exp.task.first_batches(int(cfg.finetune.calib_examples),
+                                   min(int(cfg.finetune.calib_examples), 128))
+    configs = [alloc.random_bits(pb, b0, seed=5000 + k) for k in range(args.rank_configs)]
+    configs += [pb.select(b0, m) for m in pb.methods]
+    names = pb.layers
+    act = cfg.search.get("act_bits")
+    as_config = lambda c: {l: {"w": int(b), "a": act} for l, b in zip(names, c)}  # noqa
+    ptq = [ptq_accuracy(exp, as_config(c), calib) for c in configs]
+    omegas = {m: [pb.omega_of(c, m) for c in configs] for m in pb.methods}
+    omegas[f"hawq_v2[{primary}]"] = omegas.pop("hawq_v2")
+    if also is not None:
+      pa = _stages.weight_problem(exp.model, also, None, cfg.search)
+      omegas[f"hawq_v2[{args.also}]"] = [pa.omega_of(c, "hawq_v2") for c in configs]
+    rank = {"budget": b0, "configs": len(configs), "ptq": {}, "qat": {},
+            "raw": {"bits": [list(map(int, c)) for c in configs], "ptq": ptq, "qat": [],
+                    "omega": omegas}}
+    for m, om in omegas.items():
+      rank["ptq"][m] = {"spearman": spearman(om, ptq), "ci95": bootstrap_ci(om, ptq)}
+    out["omega_rank"] = rank
+    print("omega rank (PTQ)", json.dumps(rank["ptq"]), flush=True)
+    save()
     # -- accuracy vs size at every budget --------------------------------------------------
     search_s = None
     for budget in args.budgets:
@@ -207,35 +240,15 @@ def main(argv=None):
       out["budgets"][budget] = {"rows": rows, "claims": claims}
       print(budget, json.dumps(claims), flush=True)
       save()
-    # -- does Omega rank configurations? ----------------------------------------------------
-    b0 = args.budgets[0]
-    pb = _stages.weight_problem(exp.model, traces, eig, cfg.search)
-    calib = exp.task.first_batches(int(cfg.finetune.calib_examples),
-                                   min(int(cfg.finetune.calib_examples), 128))
-    configs = [alloc.random_bits(pb, b0, seed=5000 + k) for k in range(args.rank_configs)]
-    configs += [pb.select(b0, m) for m in pb.methods]
-    names = pb.layers
-    act = cfg.search.get("act_bits")
-    ptq = [ptq_accuracy(exp, {l: {"w": int(b), "a": act} for l, b in zip(names, c)}, calib)
-           for c in configs]
-    omegas = {m: [pb.omega_of(c, m) for c in configs] for m in pb.methods}
-    omegas[f"hawq_v2[{primary}]"] = omegas.pop("hawq_v2")
-    if also is not None:
-      pa = _stages.weight_problem(exp.model, also, None, cfg.search)
-      omegas[f"hawq_v2[{args.also}]"] = [pa.omega_of(c, "hawq_v2") for c in configs]
-    rank = {"budget": b0, "configs": len(configs), "ptq": {}, "qat": {}}
-    for m, om in omegas.items():
-      rank["ptq"][m] = {"spearman": spearman(om, ptq), "ci95": bootstrap_ci(om, ptq)}
-    save()
+    # -- ... and after QAT, for a subset -------------------------------------------------------
     k = min(args.rank_qat, len(configs))
-    qat_acc = [qat(exp, f"rank{i}", {l: {"w": int(b), "a": act} for l, b in zip(names, c)},
-                   0, args.epochs)["accuracy"] for i, c in enumerate(configs[:k])]
+    qat_acc = [qat(exp, f"rank{i}", as_config(c), 0, args.epochs)["accuracy"]
+               for i, c in enumerate(configs[:k])]
+    rank["raw"]["qat"] = qat_acc
     for m, om in omegas.items():
       rank["qat"][m] = {"spearman": spearman(om[:k], qat_acc),
                         "ci95": bootstrap_ci(om[:k], qat_acc)}
-    rank["raw"] = {"bits": [list(map(int, c)) for c in configs], "ptq": ptq, "qat": qat_acc,
-                   "omega": omegas}
-    out["omega_rank"] = rank
+    save()
     # -- (d), (e) ----------------------------------------------------------------------------
     out["d_top_over_second"] = {k: v["top_over_second"] for k, v in eig["spectra"].items()}
     epoch_s = float(np.median([r["seconds_per_epoch"] for b in out["budgets"].values()
