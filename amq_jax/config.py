@@ -235,6 +235,8 @@ SCHEMA: dict[str, Rule] = {
     "hessian.batch_size": _int(1, example="128"),
     "hessian.estimator": _choice("per_layer", "joint", "adaptive", "hutchpp"),
     "hessian.curvature": _choice("hessian", "ggn", "fisher"),
+    "hessian.compare": _choice("hessian", "ggn", "fisher", none=True),
+    "hessian.compare_max_probes": _int(1, none=True, example="12"),
     "hessian.confidence": _num(0, 1, lo_open=True, hi_open=True, example="0.6827"),
     "hessian.rtol": _num(0, 1, lo_open=True, hi_open=True, example="0.1"),
     "hessian.min_probes": _int(1, example="4"),
@@ -311,6 +313,13 @@ def _cross_problems(cfg, source) -> list[str]:
   if _is_int(lo) and _is_int(hi) and hi < lo:
     out.append(f"config field hessian.max_probes = {hi} is smaller than hessian.min_probes = "
                f"{lo}: must be >= min_probes (fix: --config.hessian.max_probes={lo}{where})")
+  cur, other = _get(cfg, "hessian.curvature", "hessian"), _get(cfg, "hessian.compare")
+  if other is not None and other == cur:
+    rest = [c for c in ("hessian", "ggn", "fisher") if c != cur]
+    out.append(f"config field hessian.compare = {other!r} is the curvature already measured "
+               f"(hessian.curvature = {cur!r}): must be another one, {rest[0]!r} or "
+               f"{rest[1]!r}, or None for no comparison (fix: --config.hessian.compare="
+               f"{rest[0]}{where})")
   for sec in ("", "train.", "finetune."):
     keys = (sec + "num_epochs", sec + "num_steps")
     node = _get(cfg, sec[:-1]) if sec else cfg

@@ -46,6 +46,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # --config.hessian.curvature=hessian (estimator per_layer or hutchpp). Figures:
   # benchmarks/RESULTS.md (bench_curvature.py).
   c.hessian.curvature = "ggn"    # 'hessian' | 'ggn' | 'fisher'
+  # A second curvature measured beside the first, for the report's side by side (rank
+  # correlation across layers, the bits it would pick): None (off) or another curvature,
+  # e.g. --config.hessian.compare=hessian; its own probe cap (None: max_probes).
+  c.hessian.compare = None
+  c.hessian.compare_max_probes = None
   c.hessian.num_examples = 256
   c.hessian.batch_size = 128
   c.hessian.estimator = "per_layer"  # Hessian estimator: 'per_layer' | 'hutchpp' | 'joint'

@@ -72,6 +72,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.hessian = ml_collections.ConfigDict(dict(
       seed=0, num_examples=32, batch_size=32,  # weight traces: one batch of 32 train images
       estimator="per_layer", rtol=0.15, min_probes=4, max_probes=8,
+      compare=None, compare_max_probes=None,  # a second curvature (see resnet20_fmnist.py)
       act_examples=32, act_probes=8,  # activation traces: per example, 8 probes each
       calib_examples=256))  # activation ranges/errors for Omega_act (FP32 model)
   c.search = ml_collections.ConfigDict(dict(

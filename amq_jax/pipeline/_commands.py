@@ -183,7 +183,29 @@ def fp32_eval(exp: Experiment) -> dict:
 # stages with caching
 # ---------------------------------------------------------------------------------------
 def _analyze_fp(exp: Experiment) -> str:
-  return fingerprint("analyze", exp.fp32_fp, exp.cfg.hessian)
+  # hessian.compare (a second curvature, measured beside) is no input of the first one's
+  # traces: leaving it out lets it be toggled without recomputing them.
+  hc = {k: v for k, v in exp.cfg.hessian.to_dict().items() if k not in _stages.COMPARE_FIELDS}
+  return fingerprint("analyze", exp.fp32_fp, hc)
+
+
+def _compare_fp(exp: Experiment) -> str:
+  return fingerprint("analyze", exp.fp32_fp, _stages.compare_section(exp.cfg.hessian))
+
+
+def _compare_traces(exp: Experiment, *, force=False) -> dict | None:
+  """``analyze/traces_<compare>.json`` (the second curvature), cached on its own."""
+  chc = _stages.compare_section(exp.cfg.hessian)
+  if chc is None:
+    return None
+  if chc.curvature != "hessian" and exp.task.logits_fn is None:
+    raise ConfigError(f"hessian.compare={chc.curvature!r} needs logits (a task with "
+                      "logits_fn); use 'hessian' or None for this task")
+  path = exp.wd.path("analyze", f"traces_{chc.curvature}.json")
+  exp.wd.cached(f"analyze.traces_{chc.curvature}", _compare_fp(exp), [path], lambda: (
+      _io.write_json(path, _stages.analyze_traces(exp.model, exp.task, chc,
+                                                  progress=exp.progress))), force=force)
+  return _io.read_json(path, what="amq-jax analyze")
 
 
 def _analyze(exp: Experiment, *, force=False) -> dict:
@@ -199,6 +221,9 @@ def _analyze(exp: Experiment, *, force=False) -> dict:
 
   wd.cached("analyze.traces", fp, [wd.traces], traces, force=force)
   out = {"traces": _io.read_json(wd.traces, what="amq-jax analyze")}
+  other = _compare_traces(exp, force=force)
+  if other is not None:
+    out["compare"] = other
   if hc.get("eig_layers") is not None and int(hc.get("top1_iters", 0) or 0) > 0:
     def eig():
       res = _stages.analyze_eigenvalues(exp.model, exp.task, hc, progress=exp.progress)
@@ -269,7 +294,27 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
       warnings.warn(f"could not draw search/frontier.png: {e}")
 
   wd.cached("search", fp, [wd.frontier, wd.bits], compute)
-  return _io.read_json(wd.frontier, what="amq-jax search")
+  res = _io.read_json(wd.frontier, what="amq-jax search")
+  if analysis.get("compare") is not None:
+    res["curvature_compare"] = _curvature_compare(exp, analysis, str(budget), fp)
+  return res
+
+
+def _curvature_compare(exp: Experiment, analysis: dict, budget: str, search_fp: str) -> dict:
+  """``search/curvature_compare.json``: both curvatures' traces and HAWQ-V2 picks at the
+  search's budget, cached on the search and the second traces (toggling it leaves the
+  search alone)."""
+  path = exp.wd.path("search", "curvature_compare.json")
+
+  def compute():
+    res = _stages.compare_curvatures(exp.model, analysis["traces"], analysis["compare"],
+                                     exp.cfg.search, budget=budget)
+    res["search_fingerprint"] = search_fp  # the report pairs it only with this search
+    _io.write_json(path, res)
+
+  exp.wd.cached("search.curvature_compare", fingerprint("curvature_compare", search_fp,
+                                                        _compare_fp(exp)), [path], compute)
+  return _io.read_json(path, what="amq-jax search")
 
 
 def _seeds(cfg) -> list[int]:
@@ -324,7 +369,10 @@ def analyze(cfg, workdir: str, *, force: bool = False, progress: bool | None = N
   """Per-layer traces (+ eigenvalues, + activation analysis when configured)."""
   with _session(cfg, workdir):
     exp = build(cfg, workdir, progress=progress)
-    return _analyze(exp, force=force)["traces"]
+    out = _analyze(exp, force=force)
+    if "compare" not in out:
+      return out["traces"]
+    return dict(out["traces"], compare=_stages.compare_traces(out["traces"], out["compare"]))
 
 
 def search(cfg, workdir: str, *, budget: str | None = None,
@@ -385,6 +433,9 @@ def report(cfg, workdir: str) -> dict:
     if os.path.isfile(wd.activations):
       analysis["activations"] = _io.read_json(wd.activations, what="amq-jax analyze")
     res = _io.read_json(wd.frontier, what="amq-jax search")
+    cc = _finished_compare(cfg, wd)
+    if cc is not None:
+      res["curvature_compare"] = cc
     results = {}
     for name, rec in res["methods"].items():
       rs = []
@@ -397,6 +448,20 @@ def report(cfg, workdir: str) -> dict:
       if rs:
         results[name] = rs
     return _write_report(exp, analysis, res, results)
+
+
+def _finished_compare(cfg, wd: Workdir) -> dict | None:
+  """The saved curvature comparison, if the config asks for one and it belongs to the
+  saved search (never a comparison made for another budget or configuration)."""
+  other = cfg.hessian.get("compare")
+  path = wd.path("search", "curvature_compare.json", mkdir=False)
+  st, search = wd.record("search.curvature_compare"), wd.record("search")
+  if not other or not os.path.isfile(path) or not (st and st.get("done")) or not search:
+    return None
+  cc = _io.read_json(path, what="amq-jax search")
+  if cc.get("compare") != other or cc.get("search_fingerprint") != search.get("fingerprint"):
+    return None
+  return cc
 
 
 def format_bits_table(res: dict) -> str:
@@ -422,4 +487,5 @@ def _write_report(exp: Experiment, analysis: dict, res: dict, results: dict) -> 
   return write_report(wd.root, config_name=exp.cfg.get("name", exp.cfg.model),
                       metric=exp.task.metric, fp32=fp32, search=res, results=results,
                       analysis=analysis, stages=wd.stages(), reused=dict(wd.reused),
-                      frontier_plot=frontier_view(res))
+                      frontier_plot=frontier_view(res),
+                      curvature_compare=res.get("curvature_compare"))

@@ -22,7 +22,8 @@ from amq_jax.errors import BudgetError, ConfigError, NonFiniteError
 from amq_jax.pipeline._task import Task
 
 __all__ = ["analyze_traces", "analyze_eigenvalues", "analyze_activations", "search_bits",
-           "finetune_bits", "DEFAULT_METHODS", "ALL_METHODS"]
+           "finetune_bits", "compare_section", "compare_traces", "compare_curvatures",
+           "spearman", "DEFAULT_METHODS", "ALL_METHODS"]
 
 DEFAULT_METHODS = ("hawq_v2", "uniform")
 ALL_METHODS = ("hawq_v2", "uniform", "uniform_above", "weight_norm", "hawq_v1", "high_omega",
@@ -289,6 +290,119 @@ def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dic
     r["size_mb"] = alloc.model_size_mb(model.params, r["config"], layers=model.layers,
                                        symmetric=bool(sc.get("symmetric", True)))
   return {"weights": w, "activations": act_res, "methods": records}
+
+
+# ---------------------------------------------------------------------------------------
+# a second curvature beside the first (hessian.compare)
+# ---------------------------------------------------------------------------------------
+COMPARE_FIELDS = ("compare", "compare_max_probes")
+
+
+def compare_section(hc):
+  """The ``hessian`` section that measures the second curvature ``hc.compare``, or None.
+
+  It is ``hc`` with ``curvature = hc.compare`` and, when ``hc.compare_max_probes`` is set,
+  ``max_probes`` capped to it (``min_probes`` lowered to the cap if above it); every other
+  field (examples, seed, rtol) is shared, so the two measurements differ only in curvature.
+  """
+  other = hc.get("compare")
+  if not other:
+    return None
+  import ml_collections
+  d = {k: v for k, v in (hc.to_dict() if hasattr(hc, "to_dict") else dict(hc)).items()
+       if k not in COMPARE_FIELDS}
+  d["curvature"] = other
+  cap = hc.get("compare_max_probes")
+  if cap is not None:
+    d["max_probes"] = int(cap)
+    d["min_probes"] = min(int(d.get("min_probes", cap)), int(cap))
+  return ml_collections.ConfigDict(d)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  """Spearman rank correlation of two equal-length sequences (tied values share their mean
+  rank); NaN when either sequence is constant or has fewer than two values."""
+  def ranks(v):
+    v = np.asarray(v, np.float64)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v), np.float64)
+    r[order] = np.arange(len(v), dtype=np.float64)
+    for u in np.unique(v):  # ties: the mean of the ranks they span
+      m = v == u
+      r[m] = r[m].mean()
+    return r
+  if len(x) != len(y):
+    raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
+  if len(x) < 2:
+    return float("nan")
+  rx, ry = ranks(x), ranks(y)
+  rx, ry = rx - rx.mean(), ry - ry.mean()
+  den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+  return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def compare_traces(traces: dict, other: dict) -> dict:
+  """Two :func:`analyze_traces` results of one model side by side, without any search.
+
+  Returns ``{'curvature', 'compare', 'layers_compared', 'spearman_trace',
+  'spearman_avg_trace', 'layers': {layer: {'trace', 'avg_trace', 'status', 'probes' (each
+  ``{curvature: value}``), 'ratio' (compare / curvature trace, None at a zero trace)}}}``.
+  The rank correlations are what matters to the search: HAWQ-V2 only ranks layers by
+  ``Tr / n`` against their quantization errors, so equal ranks give near-equal bits.
+  """
+  from amq_jax.errors import LayerError
+  a, b = traces.get("curvature", "hessian"), other.get("curvature", "hessian")
+  if a == b:
+    raise ConfigError(f"both trace sets are curvature {a!r}; compare two different ones "
+                      f"(hessian.compare must differ from hessian.curvature)")
+  la, lb = traces["layers"], other["layers"]
+  odd = sorted(set(la) ^ set(lb))
+  if odd:
+    raise LayerError(f"the {a} and {b} traces cover different layers ({odd}); delete "
+                     f"analyze/traces_{b}.json and run `amq-jax analyze` again")
+  names = list(la)
+  rows = {}
+  for l in names:
+    ea, eb = la[l], lb[l]
+    ta, tb = float(ea["trace"]), float(eb["trace"])
+    rows[l] = {"trace": {a: ta, b: tb},
+               "avg_trace": {a: float(ea["avg_trace"]), b: float(eb["avg_trace"])},
+               "ratio": tb / ta if ta else None,
+               "status": {a: ea.get("status"), b: eb.get("status")},
+               "probes": {a: ea.get("probes"), b: eb.get("probes")}}
+  col = lambda key, c: [rows[l][key][c] for l in names]  # noqa: E731
+  return {"curvature": a, "compare": b, "layers_compared": len(names),
+          "spearman_trace": spearman(col("trace", a), col("trace", b)),
+          "spearman_avg_trace": spearman(col("avg_trace", a), col("avg_trace", b)),
+          "layers": rows}
+
+
+def compare_curvatures(model: Model, traces: dict, other: dict, sc, *, budget: str) -> dict:
+  """:func:`compare_traces` plus the HAWQ-V2 bits each curvature picks at ``budget``.
+
+  Both picks come from the one search (:func:`weight_problem` + ``Problem.select``, the
+  exact frontier with the same pins, ties and bit choices); each pick's Omega is given
+  under both curvatures, so one sees what choosing by the other curvature costs in the
+  first one's terms (and the reverse). Adds ``'budget'``, ``'picks': {curvature: {'bits',
+  'avg_bits', 'size_mb', 'omega': {curvature: value}}}``, ``'layers_differ'`` (how many
+  layers get another width), ``'differ'`` (their names) and ``'bits'`` per layer row.
+  """
+  out = compare_traces(traces, other)
+  a, b = out["curvature"], out["compare"]
+  problems = {a: weight_problem(model, traces, None, sc), b: weight_problem(model, other, None, sc)}
+  names = model.layers.names
+  picks = {c: [int(x) for x in pb.select(budget)] for c, pb in problems.items()}
+  pa = problems[a]
+  out["budget"] = str(budget)
+  out["picks"] = {c: {"bits": dict(zip(names, bits)), "avg_bits": pa.cost(bits, "avg"),
+                      "size_mb": pa.cost(bits, "mb"),
+                      "omega": {o: pb.omega_of(bits) for o, pb in problems.items()}}
+                  for c, bits in picks.items()}
+  out["differ"] = [l for l, x, y in zip(names, picks[a], picks[b]) if x != y]
+  out["layers_differ"] = len(out["differ"])
+  for i, l in enumerate(names):
+    out["layers"][l]["bits"] = {a: picks[a][i], b: picks[b][i]}
+  return out
 
 
 # ---------------------------------------------------------------------------------------

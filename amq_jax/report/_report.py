@@ -46,9 +46,37 @@ def _status_notes(traces: dict, chosen: dict) -> list[str]:
   return notes
 
 
+def _compare_section(cc: dict) -> list[str]:
+  """Markdown of ``search/curvature_compare.json``: both curvatures side by side."""
+  a, b = cc["curvature"], cc["compare"]
+  name = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}
+  na, nb = name.get(a, a), name.get(b, b)
+  n, k = cc["layers_compared"], cc["layers_differ"]
+  md = [f"## Curvature: {na} vs {nb}", "",
+        f"Spearman rank correlation across {n} layers: {_fmt(cc['spearman_trace'])} "
+        f"(traces), {_fmt(cc['spearman_avg_trace'])} (per-parameter traces Tr/n, what Omega "
+        f"uses). At the budget `{cc['budget']}`, HAWQ-V2 on the {nb} picks another width for "
+        f"{k} of {n} layers" + (f" ({', '.join(cc['differ'])})" if cc["differ"] else "")
+        + f"; the search above uses the {na}.", "",
+        f"| bits picked by | avg bits | Omega under {na} | Omega under {nb} |",
+        "|---|---|---|---|"]
+  for c in (a, b):
+    p = cc["picks"][c]
+    md.append(f"| {name.get(c, c)} | {p['avg_bits']:.3f} | {_fmt(p['omega'][a])} | "
+              f"{_fmt(p['omega'][b])} |")
+  md += ["", f"| layer | Tr {na} | Tr {nb} | {nb} / {na} | status {na} / {nb} | "
+         f"bits {na} / {nb} |", "|---|---|---|---|---|---|"]
+  for l, r in cc["layers"].items():
+    bits = r.get("bits", {})
+    md.append(f"| {l} | {r['trace'][a]:.4g} | {r['trace'][b]:.4g} | {_fmt(r['ratio'])} | "
+              f"{r['status'][a]} / {r['status'][b]} | {bits.get(a, '-')} / {bits.get(b, '-')}"
+              " |")
+  return md + [""]
+
+
 def write_report(root: str, *, config_name: str, metric: str, fp32: dict, search: dict,
                  results: dict, analysis: dict, stages: dict, reused: dict,
-                 frontier_plot: dict) -> dict:
+                 frontier_plot: dict, curvature_compare: dict | None = None) -> dict:
   """Writes ``root/report.{md,json}`` and ``root/figures/*.png``; returns the JSON object.
 
   Args:
@@ -56,6 +84,7 @@ def write_report(root: str, *, config_name: str, metric: str, fp32: dict, search
     search: ``search/frontier.json``. results: ``{method: [result per seed]}``.
     analysis: ``{'traces', 'eigenvalues'?, 'activations'?}``. stages: ``stages.json``;
     reused: ``{stage: reused in this invocation}``. frontier_plot: the frontier figure's data.
+    curvature_compare: ``search/curvature_compare.json`` (hessian.compare), or None.
   """
   from amq_jax.report import _figures
   figs = os.path.join(root, "figures")
@@ -148,6 +177,9 @@ def write_report(root: str, *, config_name: str, metric: str, fp32: dict, search
                 f"{e.get('status', 'converged' if e.get('converged', True) else 'max_probes')} "
                 f"| {e['avg_trace']:.4g} |")
     md.append("")
+  if curvature_compare:
+    report["curvature_compare"] = curvature_compare
+    md += _compare_section(curvature_compare)
   eig = analysis.get("eigenvalues")
   if eig:
     md += ["## Top eigenvalues", ""]
