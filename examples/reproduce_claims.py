@@ -159,7 +159,10 @@ def main(argv=None):
     also = None
     if args.also and args.also != primary:
       import ml_collections
-      hc = ml_collections.ConfigDict(cfg.hessian.to_dict())
+      # The section that measured the first curvature, minus the fields naming a second one
+      # (hessian.compare*, which are no input of any trace: they would only void the cache).
+      hc = ml_collections.ConfigDict({k: v for k, v in cfg.hessian.to_dict().items()
+                                      if k not in _stages.COMPARE_FIELDS})
       hc.curvature = args.also
       if args.also_estimator:
         hc.estimator = args.also_estimator
