@@ -90,10 +90,11 @@ def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
   fc.num_epochs = float(epochs)
   fc.num_steps = None
   bits = quant.BitConfig(config)
-  key = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc)[:12]
+  test = exp.cfg.get("test_limit")  # the test set the accuracy is measured on
+  key = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test)[:12]
   out = os.path.join(exp.wd.root, "claims", key, f"seed{seed}")
   rpath = os.path.join(out, "result.json")
-  fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, seed)
+  fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test, seed)
 
   def compute():
     res = _stages.finetune_bits(exp.model, exp.task, bits, fc, out, seed=seed,
@@ -110,7 +111,8 @@ def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
 def ptq_accuracy(exp, config: dict, calib) -> float:
   """Calibrated post-training accuracy of one configuration, cached by its fingerprint."""
   bits = quant.BitConfig(config)
-  key = fingerprint("ptq", exp.fp32_fp, bits.to_dict(), exp.cfg.finetune.calib_method)[:12]
+  key = fingerprint("ptq", exp.fp32_fp, bits.to_dict(), exp.cfg.finetune.calib_method,
+                    exp.cfg.get("test_limit"))[:12]
   path = os.path.join(exp.wd.root, "claims", "ptq", f"{key}.json")
   if os.path.isfile(path):
     return float(_io.read_json(path)["accuracy"])
