@@ -110,6 +110,7 @@ def _texts(*, example="('stage1_block1/conv1',)") -> Rule:
 
 
 MIN_BITS, MAX_BITS = 1, 16  # as amq_jax.quant (not imported: it pulls in JAX)
+QWIX_BITS = range(2, 9)  # as amq_jax.quant._math: qwix's int2..int8
 
 
 def _bit_choices() -> Rule:
@@ -262,6 +263,8 @@ SCHEMA: dict[str, Rule] = {
     "search.symmetric": _bool(),
     "search.act_bits": _int(MIN_BITS, MAX_BITS, none=True, example="8"),
     "search.tie": _tie(),
+    # the deployed integer format, read by search, fine-tuning and export alike
+    "quant.grid": _choice("amq", "qwix"),
 }
 for _prefix in ("", "train.", "finetune."):
   for _k, _r in _OPTIM.items():
@@ -334,6 +337,31 @@ def _cross_problems(cfg, source) -> list[str]:
       out.append(f"config field {pin} = {p} is not one of {choices} {tuple(c)}: pin a width "
                  f"among them, or 0 to leave the first and last layer free "
                  f"(fix: --config.{pin}={max(c)}{where})")
+  out += _qwix_grid_problems(cfg, where)
+  return out
+
+
+def _qwix_grid_problems(cfg, where: str) -> list[str]:
+  """quant.grid='qwix' has integer types int2..int8 only, and asymmetric weights at 4 and 8
+  bits only: name each width field that asks for another (before any work is done)."""
+  if _get(cfg, "quant.grid") != "qwix":
+    return []
+  out = []
+  asym = _get(cfg, "search.symmetric") is False
+  for f in ("search.bit_choices", "search.act_bit_choices", "search.pin_first_last",
+            "search.act_pin_first_last", "search.act_bits"):
+    v = _get(cfg, f)
+    widths = v if isinstance(v, (tuple, list)) else ([v] if _is_int(v) and v else [])
+    ok = (4, 8) if asym and f in ("search.bit_choices", "search.pin_first_last") else QWIX_BITS
+    bad = [b for b in widths if _is_int(b) and b not in ok]
+    if bad:
+      good = tuple(b for b in widths if b in ok) or (tuple(ok)[-1],)
+      fix = good if isinstance(v, (tuple, list)) else good[-1]
+      why = ("asymmetric weights (search.symmetric=False) exist at 4 and 8 bits only"
+             if ok == (4, 8) else "qwix quantizes to int2..int8 only")
+      out.append(f"config field {f} = {_show(v)} has widths {bad} that quant.grid='qwix' "
+                 f"cannot hold: {why} (fix: --config.{f}={repr(fix).replace(' ', '')}, or "
+                 f"--config.quant.grid=amq{where})")
   return out
 
 

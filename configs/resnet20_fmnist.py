@@ -67,6 +67,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.hessian.spectrum_iters = 60
   c.hessian.eig_layers = ("stage1_block1/conv1", "stage3_block3/conv2")
 
+  # The integer grid the quantized model is deployed on, read by every stage that quantizes
+  # (its own section because no one stage owns it): the search's Omega table, fine-tuning's
+  # fake-quant, the activation errors and the packed export. 'amq' (amq-jax's own, 1..16
+  # bits) or 'qwix' (the grid qwix deploys with, bit for bit: widths 2..8, inputs quantized
+  # per example; use it when the model will run under qwix): --config.quant.grid=qwix.
+  # Changing it recomputes search and fine-tuning, never the analysis.
+  c.quant = ml_collections.ConfigDict(dict(grid="amq"))
+
   # Stage 'search': bit choices, pins, the budget.
   c.search = ml_collections.ConfigDict()
   c.search.bit_choices = (2, 3, 4, 8)

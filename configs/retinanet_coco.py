@@ -41,6 +41,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       final_lr_fraction=0.0, clip_grad_norm=0.0, batch_size=16, num_epochs=None,
       num_steps=90_000, augment=False, checkpoint_every_steps=2000, log_every_steps=100,
       eval_batch_size=16))
+  # The deployed integer grid, 'amq' or 'qwix' (see configs/resnet20_fmnist.py).
+  c.quant = ml_collections.ConfigDict(dict(grid="amq"))
   # Not measured yet: a tenth of the schedule at a tenth of the rate.
   c.finetune = ml_collections.ConfigDict(dict(
       optimizer="sgd", learning_rate=1e-3, momentum=0.9, weight_decay=1e-4, warmup_steps=0,

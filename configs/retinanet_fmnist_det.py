@@ -75,6 +75,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       compare=None, compare_max_probes=None,  # a second curvature (see resnet20_fmnist.py)
       act_examples=32, act_probes=8,  # activation traces: per example, 8 probes each
       calib_examples=256))  # activation ranges/errors for Omega_act (FP32 model)
+  # The deployed integer grid, 'amq' or 'qwix' (see configs/resnet20_fmnist.py).
+  c.quant = ml_collections.ConfigDict(dict(grid="amq"))
   c.search = ml_collections.ConfigDict(dict(
       bit_choices=(2, 3, 4, 8), budget="uniform:4", pin_first_last=8, symmetric=True,
       act_bit_choices=(4, 6, 8), act_budget="uniform:6", act_pin_first_last=8,

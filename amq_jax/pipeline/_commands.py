@@ -208,6 +208,19 @@ def _compare_traces(exp: Experiment, *, force=False) -> dict | None:
   return _io.read_json(path, what="amq-jax analyze")
 
 
+def _grid(cfg) -> str:
+  """The config's ``quant.grid`` ('amq' for configs written before the field existed)."""
+  q = cfg.get("quant")
+  return (q.get("grid") if q is not None else None) or "amq"
+
+
+def _grid_part(cfg) -> tuple:
+  """What a stage that quantizes adds to its fingerprint for the grid: nothing for 'amq', so
+  work directories made before ``quant.grid`` existed (all on amq's grid) stay valid."""
+  g = _grid(cfg)
+  return () if g == "amq" else ({"quant.grid": g},)
+
+
 def _analyze(exp: Experiment, *, force=False) -> dict:
   wd, hc = exp.wd, exp.cfg.hessian
   fp = _analyze_fp(exp)
@@ -237,12 +250,13 @@ def _analyze(exp: Experiment, *, force=False) -> dict:
     out["eigenvalues"] = _io.read_json(wd.eigenvalues, what="amq-jax analyze")
   sc = exp.cfg.search
   if sc.get("act_budget"):
-    afp = fingerprint(fp, sc.get("act_bit_choices"), exp.cfg.finetune.get("calib_method"))
+    afp = fingerprint(fp, sc.get("act_bit_choices"), exp.cfg.finetune.get("calib_method"),
+                      *_grid_part(exp.cfg))
     wd.cached("analyze.activations", afp, [wd.activations], lambda: _io.write_json(
         wd.activations, _stages.analyze_activations(
             exp.model, exp.task, hc, sc.act_bit_choices,
             calib_method=exp.cfg.finetune.get("calib_method", "minmax"),
-            progress=exp.progress)), force=force)
+            progress=exp.progress, grid=_grid(exp.cfg))), force=force)
     out["activations"] = _io.read_json(wd.activations, what="amq-jax analyze")
   return out
 
@@ -263,7 +277,7 @@ def _methods(cfg, methods) -> tuple[str, ...]:
 
 def _search_fp(exp: Experiment, budget: str, methods) -> str:
   return fingerprint("search", _analyze_fp(exp), exp.cfg.search, budget, list(methods),
-                     exp.cfg.get("num_random", 3))
+                     exp.cfg.get("num_random", 3), *_grid_part(exp.cfg))
 
 
 def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dict:
@@ -279,7 +293,7 @@ def _search(exp: Experiment, analysis: dict, budget: str | None, methods) -> dic
   def compute():
     res = _stages.search_bits(exp.model, analysis["traces"], analysis.get("eigenvalues"),
                               analysis.get("activations"), sc, budget=budget, methods=methods,
-                              num_random=exp.cfg.get("num_random", 3))
+                              num_random=exp.cfg.get("num_random", 3), grid=_grid(exp.cfg))
     res["budget_spec"] = str(budget)
     # Cleared only now: a budget that is rejected above leaves the previous search intact.
     shutil.rmtree(wd.path("search", mkdir=False), ignore_errors=True)
@@ -308,7 +322,7 @@ def _curvature_compare(exp: Experiment, analysis: dict, budget: str, search_fp: 
 
   def compute():
     res = _stages.compare_curvatures(exp.model, analysis["traces"], analysis["compare"],
-                                     exp.cfg.search, budget=budget)
+                                     exp.cfg.search, budget=budget, grid=_grid(exp.cfg))
     res["search_fingerprint"] = search_fp  # the report pairs it only with this search
     _io.write_json(path, res)
 
@@ -324,7 +338,8 @@ def _seeds(cfg) -> list[int]:
 
 def _finetune_fp(exp: Experiment, config: dict, seed: int) -> str:
   return fingerprint("finetune", exp.fp32_fp, quant.BitConfig(config).to_dict(),
-                     exp.cfg.finetune, seed, exp.cfg.search.get("symmetric", True))
+                     exp.cfg.finetune, seed, exp.cfg.search.get("symmetric", True),
+                     *_grid_part(exp.cfg))
 
 
 def _finetune(exp: Experiment, name: str, bits: quant.BitConfig, seed: int) -> dict:
@@ -336,7 +351,8 @@ def _finetune(exp: Experiment, name: str, bits: quant.BitConfig, seed: int) -> d
   def compute():
     res = _stages.finetune_bits(exp.model, exp.task, bits, exp.cfg.finetune, out, seed=seed,
                                 symmetric=bool(exp.cfg.search.get("symmetric", True)),
-                                progress=exp.progress, desc=f"finetune {name} seed {seed}")
+                                grid=_grid(exp.cfg), progress=exp.progress,
+                                desc=f"finetune {name} seed {seed}")
     res["method"] = name
     _io.write_json(rpath, res)
 

@@ -130,18 +130,24 @@ def _observe_inputs(model: Model, params, state, batches, fn, *, input_key="imag
 
 
 def activation_errors(model: Model, batches, ranges: Mapping, bit_choices: Sequence[int], *,
-                      params=None, input_key: str = "image") -> np.ndarray:
+                      params=None, input_key: str = "image", grid: str = "amq") -> np.ndarray:
   """``[L, B]`` mean per-example ``||Q_a(x_l) - x_l||^2`` of each layer's input ``x_l``
-  (summed over the layer's calls), ``Q_a`` the calibrated ``a``-bit activation quantizer:
+  (summed over the layer's calls), ``Q_a`` the calibrated ``a``-bit activation quantizer
+  (``grid='qwix'``: qwix's dynamic one, a symmetric scale per example; ``ranges`` unused):
   the activation analogue of ``||Q_b(W) - W||^2`` in Omega."""
   bits = [int(b) for b in bit_choices]
   import jax.numpy as jnp
 
-  def fn(name, a):
+  def q(name, a, b):
+    if grid == "qwix":
+      return quant.fake_quant(a, b, axis=0, grid="qwix")
     lo, hi = ranges[name]
+    return quant.fake_quant_act(a, b, lo, hi)
+
+  def fn(name, a):
     a = a.astype(jnp.float32)
     axes = tuple(range(1, a.ndim))
-    return jnp.stack([jnp.sum(jnp.square(quant.fake_quant_act(a, b, lo, hi) - a), axis=axes)
+    return jnp.stack([jnp.sum(jnp.square(q(name, a, b) - a), axis=axes)
                       for b in bits], -1).sum(0)
 
   tot = _observe_inputs(model, model.params if params is None else params, model.state,
@@ -151,8 +157,9 @@ def activation_errors(model: Model, batches, ranges: Mapping, bit_choices: Seque
 
 
 def analyze_activations(model: Model, task: Task, hc, act_bit_choices, *, calib_method: str,
-                        progress: bool = True) -> dict:
-  """Activation traces (from the task), calibrated ranges and the activation Omega table."""
+                        progress: bool = True, grid: str = "amq") -> dict:
+  """Activation traces (from the task), calibrated ranges and the activation Omega table
+  (its errors on ``grid``'s activation quantizer)."""
   if task.activation_traces is None:
     raise ConfigError(f"the {task.name} task has no activation analysis; unset "
                       "search.act_budget")
@@ -161,7 +168,7 @@ def analyze_activations(model: Model, task: Task, hc, act_bit_choices, *, calib_
   calib = task.first_batches(hc.calib_examples, min(hc.calib_examples, 64))
   ranges = quant.calibrate_model(model, calib, {l: {"w": None, "a": 8} for l in model.layers},
                                  method=calib_method)
-  errors = activation_errors(model, calib, ranges, act_bit_choices)
+  errors = activation_errors(model, calib, ranges, act_bit_choices, grid=grid)
   names = model.layers.names
   sizes = model.layers.in_sizes()
   traces = np.array([est[l][0] for l in names], np.float64)
@@ -169,7 +176,8 @@ def analyze_activations(model: Model, task: Task, hc, act_bit_choices, *, calib_
           "traces": {l: {"trace": float(est[l][0]), "stderr": float(est[l][1]),
                          "elems": int(s), "avg_trace": float(t / s)}
                      for l, t, s in zip(names, traces, sizes)},
-          "ranges": ranges, "errors": errors.tolist(), "seconds": time.time() - t0}
+          "ranges": ranges, "errors": errors.tolist(), "grid": grid,
+          "seconds": time.time() - t0}
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,12 +198,14 @@ def _ties(model: Model, sc) -> list[list[str]]:
   return groups
 
 
-def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc) -> alloc.Problem:
-  """The weight-width :class:`amq_jax.alloc.Problem` of ``model`` (execution order)."""
+def weight_problem(model: Model, traces: dict | None, eigen: dict | None, sc, *,
+                   grid: str = "amq") -> alloc.Problem:
+  """The weight-width :class:`amq_jax.alloc.Problem` of ``model`` (execution order); its
+  quantization errors are those of ``grid`` ('amq' or 'qwix', the config's ``quant.grid``)."""
   names = model.layers.names
   bits = tuple(int(b) for b in sc.bit_choices)
   symmetric = bool(sc.get("symmetric", True))
-  errors = alloc.quant_errors(model.params, model.layers, bits, symmetric=symmetric)
+  errors = alloc.quant_errors(model.params, model.layers, bits, symmetric=symmetric, grid=grid)
   fixed = alloc.fixed_size_bytes(model.params, model.layers, symmetric=symmetric)
   avg = None
   if traces is not None:
@@ -236,21 +246,24 @@ def _shared_input_groups(model: Model) -> list[list[str]] | None:
 
 
 def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dict | None,
-                sc, *, budget: str, methods: Sequence[str], num_random: int = 3) -> dict:
+                sc, *, budget: str, methods: Sequence[str], num_random: int = 3,
+                grid: str = "amq") -> dict:
   """Every method's configuration at ``budget``, the frontier, and (with ``acts`` and
   ``sc.act_budget``) the activation widths chosen the same way at the activation budget.
 
   ``traces``: :func:`analyze_traces`' result or :func:`amq_jax.hessian.layer_traces`'
   ``{weight path: TraceEstimate}``.
 
+  ``grid``: the integer grid whose quantization errors Omega weighs ('amq' or 'qwix').
+
   Returns the JSON-able search result: ``{'weights': alloc.allocate(...), 'activations':
-  ... or None, 'methods': {name: record}}``; each record's ``config`` is the full
-  ``{layer: {'w', 'a'}}`` bit configuration (execution order).
+  ... or None, 'methods': {name: record}, 'grid': grid}``; each record's ``config`` is the
+  full ``{layer: {'w', 'a'}}`` bit configuration (execution order).
   """
   unknown = [m for m in methods if m not in ALL_METHODS]
   if unknown:
     raise ConfigError(f"unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
-  pb = weight_problem(model, traces, eigen, sc)
+  pb = weight_problem(model, traces, eigen, sc, grid=grid)
   wmethods = [m for m in methods if m != "uniform_act"]
   if "hawq_v1" in wmethods and eigen is None:
     raise ConfigError("method 'hawq_v1' needs analyze/eigenvalues.json; run amq-jax analyze")
@@ -289,7 +302,7 @@ def search_bits(model: Model, traces: dict | None, eigen: dict | None, acts: dic
       r["act"] = {k: ar[k] for k in ar if k != "bits"}
     r["size_mb"] = alloc.model_size_mb(model.params, r["config"], layers=model.layers,
                                        symmetric=bool(sc.get("symmetric", True)))
-  return {"weights": w, "activations": act_res, "methods": records}
+  return {"weights": w, "activations": act_res, "methods": records, "grid": grid}
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,19 +390,22 @@ def compare_traces(traces: dict, other: dict) -> dict:
           "layers": rows}
 
 
-def compare_curvatures(model: Model, traces: dict, other: dict, sc, *, budget: str) -> dict:
+def compare_curvatures(model: Model, traces: dict, other: dict, sc, *, budget: str,
+                       grid: str = "amq") -> dict:
   """:func:`compare_traces` plus the HAWQ-V2 bits each curvature picks at ``budget``.
 
   Both picks come from the one search (:func:`weight_problem` + ``Problem.select``, the
   exact frontier with the same pins, ties and bit choices); each pick's Omega is given
   under both curvatures, so one sees what choosing by the other curvature costs in the
-  first one's terms (and the reverse). Adds ``'budget'``, ``'picks': {curvature: {'bits',
+  first one's terms (and the reverse); both on ``grid``'s quantization errors, as the
+  search. Adds ``'budget'``, ``'picks': {curvature: {'bits',
   'avg_bits', 'size_mb', 'omega': {curvature: value}}}``, ``'layers_differ'`` (how many
   layers get another width), ``'differ'`` (their names) and ``'bits'`` per layer row.
   """
   out = compare_traces(traces, other)
   a, b = out["curvature"], out["compare"]
-  problems = {a: weight_problem(model, traces, None, sc), b: weight_problem(model, other, None, sc)}
+  problems = {a: weight_problem(model, traces, None, sc, grid=grid),
+              b: weight_problem(model, other, None, sc, grid=grid)}
   names = model.layers.names
   picks = {c: [int(x) for x in pb.select(budget)] for c, pb in problems.items()}
   pa = problems[a]
@@ -415,7 +431,7 @@ def calibrate(model: Model, task: Task, bits: quant.BitConfig, fc) -> dict:
 
 
 def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: str, *,
-                  seed: int, symmetric: bool = True, progress: bool = True,
+                  seed: int, symmetric: bool = True, grid: str = "amq", progress: bool = True,
                   desc: str = "finetune", evaluate_before: bool = True,
                   check_export: bool = True) -> dict:
   """QAT of ``bits`` from the float model into ``out_dir`` (resumable), export, re-check.
@@ -427,13 +443,17 @@ def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: 
   fine-tuning (``evaluate_before=False``: ``ptq_<metric>`` is None) or needs no proof that the
   packed file evaluates the same (``check_export=False``: still exported and size-checked,
   ``exported_<metric>`` is None) saves one test-set pass each.
+
+  ``grid``: the integer grid of training, export and evaluation ('amq' or 'qwix'; with
+  'qwix' inputs are quantized per example as qwix does, so nothing is calibrated). The
+  exported file is evaluated with the weights it stores.
   """
   from amq_jax import train
 
   t0 = time.time()
   os.makedirs(out_dir, exist_ok=True)
   rpath = os.path.join(out_dir, "act_ranges.json")
-  if any(bits[l]["a"] is not None for l in bits.layers):
+  if grid == "amq" and any(bits[l]["a"] is not None for l in bits.layers):
     if os.path.isfile(rpath):
       ranges = {k: tuple(v) for k, v in _io.read_json(rpath, what="the fine-tune").items()}
     else:
@@ -441,7 +461,7 @@ def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: 
       _io.write_json(rpath, ranges)
   else:
     ranges = {}
-  qapply = quant.quantize_model(model, bits, act_ranges=ranges, symmetric=symmetric)
+  qapply = quant.quantize_model(model, bits, act_ranges=ranges, symmetric=symmetric, grid=grid)
   before = task.evaluate(qapply, model.params, model.state) if evaluate_before else {}
   state, res = train.fit(task.train_loss(qapply), model.params, model.state,
                          task.train_source, fc, workdir=out_dir, seed=int(seed), desc=desc,
@@ -452,27 +472,36 @@ def finetune_bits(model: Model, task: Task, bits: quant.BitConfig, fc, out_dir: 
     raise NonFiniteError(f"{desc}: the fine-tuned model's test loss is not finite; lower "
                          f"--config.finetune.learning_rate (now {fc.learning_rate})")
   export = export_model(model, os.path.join(out_dir, "model.amq"), params, mstate, bits,
-                        ranges, symmetric=symmetric)
+                        ranges, symmetric=symmetric, grid=grid)
   exported = {}
   if check_export:
-    exp_params, exp_state = load_exported(model, os.path.join(out_dir, "model.amq"))
-    exported = task.evaluate(qapply, exp_params, exp_state)
+    exp_params, exp_state = load_exported(model, os.path.join(out_dir, "model.amq"), grid=grid)
+    # The packed weights are on the grid already. Quantizing them again is the identity on
+    # amq's grid (so the one compiled step serves), not on qwix's (its range grows by half a
+    # step each time): there only the inputs are quantized.
+    eapply = qapply
+    if grid != "amq":
+      eapply = quant.quantize_model(model, quant.BitConfig({
+          l: {"w": None, "a": bits[l]["a"]} for l in bits.layers}), act_ranges=ranges,
+          symmetric=symmetric, grid=grid)
+    exported = task.evaluate(eapply, exp_params, exp_state)
   m = task.metric
   return {"bits": {l: bits[l]["w"] for l in bits.layers},
           "act_bits": {l: bits[l]["a"] for l in bits.layers},
           f"ptq_{m}": before.get(m), m: after[m], f"exported_{m}": exported.get(m),
           "test_metrics": after, "ptq_metrics": before, "export": export,
-          "size_mb": export["computed_bytes"] / alloc.MB, "seed": int(seed),
+          "size_mb": export["computed_bytes"] / alloc.MB, "seed": int(seed), "grid": grid,
           "train": {k: v for k, v in res.items() if isinstance(v, (int, float, str))},
           "seconds": time.time() - t0}
 
 
 def export_model(model: Model, path: str, params, state, bits: quant.BitConfig, ranges, *,
-                 symmetric: bool = True) -> dict:
-  """Packed weights (``path``) + float32 inference state (``path + '.state'``); the packed
-  payload must equal the size the search used (``sizes_agree``)."""
+                 symmetric: bool = True, grid: str = "amq") -> dict:
+  """Packed weights (``path``, on ``grid``) + float32 inference state (``path + '.state'``);
+  the packed payload must equal the size the search used (``sizes_agree``)."""
   import flax.serialization
-  info = quant.export_packed(params, bits, path, layers=model.layers, symmetric=symmetric)
+  info = quant.export_packed(params, bits, path, layers=model.layers, symmetric=symmetric,
+                             grid=grid)
   _io.write_bytes(path + ".state", flax.serialization.msgpack_serialize(
       {"state": jax.device_get(state) if state else {},
        "act_ranges": {k: [float(x) for x in v] for k, v in (ranges or {}).items()},
@@ -485,11 +514,12 @@ def export_model(model: Model, path: str, params, state, bits: quant.BitConfig, 
           "inference_state_bytes": os.path.getsize(path + ".state")}
 
 
-def load_exported(model: Model, path: str):
-  """``(params, state)`` of :func:`export_model`'s files, in ``model``'s tree structure."""
+def load_exported(model: Model, path: str, *, grid: str | None = None):
+  """``(params, state)`` of :func:`export_model`'s files, in ``model``'s tree structure
+  (``grid``: require the file to be on that grid; None: either)."""
   import flax.serialization
   from amq_jax import _paths
-  flat = quant.load_packed(path)
+  flat = quant.load_packed(path, grid=grid)
   flat = _paths.flatten(flat)
   params = _paths.merge(model.params, {k: v for k, v in flat.items()
                                        if k in _paths.flatten(model.params)})
@@ -502,7 +532,7 @@ def load_exported(model: Model, path: str):
 
 def auto_bits(model: Model, traces, *, budget: str = "avg:4",
               bit_choices: Sequence[int] = (2, 3, 4, 8), pin_first_last: int | None = None,
-              act_bits: int | None = None, symmetric: bool = True):
+              act_bits: int | None = None, symmetric: bool = True, grid: str = "amq"):
   """HAWQ-V2 bits for any adapted model, from Python: the least-Omega configuration within
   ``budget`` on the exact frontier, pins on the first and last layers in EXECUTION order.
 
@@ -511,6 +541,8 @@ def auto_bits(model: Model, traces, *, budget: str = "avg:4",
     traces: :func:`amq_jax.hessian.layer_traces`' result (keyed by weight path) or
       ``{layer name or weight path: Tr/n}``.
     budget: ``'avg:3'``, ``'0.5MB'``, ``'uniform:4'``, ``'bits:N'`` or ``'bops:1.2G'``.
+    grid: the deployed integer grid the Omega table is for: 'amq', or 'qwix' (bit choices
+      2..8) when the model will run under qwix.
 
   Returns:
     ``(BitConfig, info)``; info has ``size_mb``, ``avg_bits``, ``omega``, ``bits``.
@@ -530,7 +562,7 @@ def auto_bits(model: Model, traces, *, budget: str = "avg:4",
                      "(wrt=model.layers.params_paths)")
   sc = ml_collections.ConfigDict(dict(bit_choices=tuple(bit_choices), symmetric=symmetric,
                                       act_bits=act_bits, pin_first_last=pin_first_last))
-  pb = weight_problem(model, {"layers": named}, None, sc)
+  pb = weight_problem(model, {"layers": named}, None, sc, grid=grid)
   names = model.layers.names
   bits = pb.select(budget)
   cfg = quant.BitConfig({l: {"w": int(b), "a": act_bits} for l, b in zip(names, bits)})

@@ -12,6 +12,11 @@ which axis its output channels lie. Everything here reads that table:
   hook; the hook applies ``fake_quant_act(x, a_bits, lo, hi)`` with the layer's calibrated
   range. Adapters without hooks (Equinox, plain JAX) quantize weights only, and asking for
   'a' widths there is a clear error.
+* ``grid='qwix'``: the numerics a model deployed with qwix runs (``amq_jax.quant._interop``):
+  weights on qwix's integer grid (``fake_quant(..., grid='qwix')``), and each configured
+  input quantized as qwix does it, dynamically, one symmetric absmax scale per example
+  (``fake_quant(x, a_bits, axis=0, grid='qwix')``): no calibrated ranges are needed. Widths
+  must be 2..8 (qwix's int2..int8).
 
 Activation ranges are a plain JSON-able dict ``{layer: [lo, hi]}`` (floats), made by
 :func:`calibrate_model` and passed as ``act_ranges=``.
@@ -38,7 +43,7 @@ import numpy as np
 from amq_jax import _paths
 from amq_jax.errors import BitsError, LayerError
 from amq_jax.quant._config import BitConfig, as_bit_config, normalize_path, validate
-from amq_jax.quant._math import fake_quant, fake_quant_act
+from amq_jax.quant._math import _check_grid, fake_quant, fake_quant_act
 
 __all__ = ["quantize_params", "quantize_model", "calibrate_model", "quantized_apply",
            "make_quantized_apply", "calibrate", "quantizable_layers", "check_config"]
@@ -94,17 +99,35 @@ def _weight_targets(params, config, layers, symmetric, scale_method) -> dict[str
           for l in cfg.layers if cfg[l]["w"] is not None}
 
 
-def _fake_quant_weights(params, targets, symmetric, scale_method):
+def _fake_quant_weights(params, targets, symmetric, scale_method, grid="amq"):
   if not targets:
     return params
   ws = _paths.select(params, list(targets))
   return _paths.merge(params, {
-      p: fake_quant(ws[p], b, symmetric=symmetric, axis=axis, scale_method=scale_method)
+      p: fake_quant(ws[p], b, symmetric=symmetric, axis=axis, scale_method=scale_method,
+                    grid=grid)
       for p, (b, axis) in targets.items()})
 
 
+def _widths(cfg: BitConfig) -> list[tuple[str, str, int]]:
+  return [(l, k, cfg[l][k]) for l in cfg.layers for k in ("w", "a") if cfg[l][k] is not None]
+
+
+def _check_grid_widths(widths, grid: str, symmetric: bool, scale_method: str) -> None:
+  """Every ``(layer, 'w' | 'a', bits)`` exists on ``grid``: checked before tracing, so the
+  error names the layer. An unknown grid or scale method raises ValueError."""
+  _check_grid(grid, 8, True, scale_method)
+  if grid == "amq":
+    return
+  for l, kind, b in widths:
+    try:  # activations: qwix's dynamic input quantizer is symmetric
+      _check_grid(grid, b, symmetric if kind == "w" else True, scale_method)
+    except BitsError as e:
+      raise BitsError(f"layer {l!r} ('{kind}' = {b}): {e}") from None
+
+
 def quantize_params(params, config, *, layers=None, symmetric: bool = True,
-                    scale_method: str = "minmax") -> Any:
+                    scale_method: str = "minmax", grid: str = "amq") -> Any:
   """``params`` with each configured layer's weight replaced by its per-channel fake-quant.
 
   Args:
@@ -113,13 +136,16 @@ def quantize_params(params, config, *, layers=None, symmetric: bool = True,
     layers: the model's ``adapters.Layers`` (``model.layers``): each layer's weight leaf
       and output-channel axis come from it. Without it: leaves named ``kernel`` with the
       output channel last (Linen, NNX).
-    symmetric, scale_method: as in :func:`amq_jax.quant.quantize`.
+    symmetric, scale_method, grid: as in :func:`amq_jax.quant.quantize`.
 
   Raises:
-    BitsError: ``config`` names a layer the model does not have (the valid ones listed).
+    BitsError: ``config`` names a layer the model does not have (the valid ones listed),
+      or a width the grid lacks.
   """
   targets = _weight_targets(params, config, layers, symmetric, scale_method)
-  return _fake_quant_weights(params, targets, symmetric, scale_method)
+  _check_grid_widths([(p, "w", b) for p, (b, _) in targets.items()], grid, symmetric,
+                     scale_method)
+  return _fake_quant_weights(params, targets, symmetric, scale_method, grid)
 
 
 def _keyed_by_name(ranges: Mapping[str, Any] | None, layers) -> dict:
@@ -133,15 +159,18 @@ def _keyed_by_name(ranges: Mapping[str, Any] | None, layers) -> dict:
 
 
 def quantize_model(model, config, *, act_ranges: Mapping[str, Any] | None = None,
-                   symmetric: bool = True, scale_method: str = "minmax") -> Callable:
+                   symmetric: bool = True, scale_method: str = "minmax",
+                   grid: str = "amq") -> Callable:
   """The fake-quantized forward pass of ``model`` under ``config``.
 
   Args:
     model: an :class:`amq_jax.adapters.Model`.
     config: ``{layer: bits | {'w': bits, 'a': bits}}``; layers not in it stay float.
     act_ranges: ``{layer: (lo, hi)}`` from :func:`calibrate_model`, for every layer with an
-      'a' width (floats or arrays; may be traced).
+      'a' width (floats or arrays; may be traced). Not used with ``grid='qwix'``, whose
+      activation scales are computed per example as the model runs.
     symmetric, scale_method: the weight quantizer (per output channel).
+    grid: 'amq' or 'qwix' (module docstring): the integer grid of weights and activations.
 
   Returns:
     ``apply(params, state, x, *, train=False) -> (out, new_state)``: pure, differentiable
@@ -149,11 +178,13 @@ def quantize_model(model, config, *, act_ranges: Mapping[str, Any] | None = None
     as it is.
 
   Raises:
-    BitsError: unknown layers, bad widths, or 'a' widths without a range.
+    BitsError: unknown layers, bad widths (widths the grid lacks), or 'a' widths without
+      a range.
     LayerError: 'a' widths on a model without activation hooks.
   """
   layers = model.layers
   cfg = check_config(config, layers)
+  _check_grid_widths(_widths(cfg), grid, symmetric, scale_method)
   targets = _weight_targets(model.params, cfg, layers, symmetric, scale_method)
   act_layers = [l for l in cfg.layers if cfg[l]["a"] is not None]
   act: dict[str, tuple] = {}
@@ -162,21 +193,24 @@ def quantize_model(model, config, *, act_ranges: Mapping[str, Any] | None = None
     hooked = model.require_act_hooks(f"activation quantization (layers {act_layers} have "
                                      "'a' widths)")
     ranges = _keyed_by_name(act_ranges, layers)
-    missing = [l for l in act_layers if l not in ranges]
+    missing = [l for l in act_layers if l not in ranges] if grid == "amq" else []
     if missing:
       raise BitsError(f"no activation range for layers {missing}: run "
                       "amq_jax.quant.calibrate_model(model, batches, config) (Linen: "
                       "quant.calibrate) and pass act_ranges=")
-    act = {l: (cfg[l]["a"], ranges[l][0], ranges[l][1]) for l in act_layers}
+    act = {l: (cfg[l]["a"],) + ((ranges[l][0], ranges[l][1]) if grid == "amq" else ())
+           for l in act_layers}
 
   def hook(name, x):
     if name in act:
+      if grid == "qwix":  # dynamic: one symmetric scale per example, as qwix quantizes inputs
+        return fake_quant(x, act[name][0], axis=0, grid="qwix")
       bits, lo, hi = act[name]
       return fake_quant_act(x, bits, lo, hi)
     return x
 
   def apply(params, state, x, *, train: bool = False):
-    qparams = _fake_quant_weights(params, targets, symmetric, scale_method)
+    qparams = _fake_quant_weights(params, targets, symmetric, scale_method, grid)
     if hooked is None:
       return model.apply(qparams, state, x, train=train)
     return hooked(qparams, state, x, hook, train=train)
@@ -195,7 +229,8 @@ def _inputs(batches, input_key: str) -> Iterable:
 def calibrate_model(model, batches, config, *, method: str = "minmax",
                     percentile: float = 99.99, quantize_weights: bool = True,
                     input_key: str = "image", max_batches: int | None = None,
-                    symmetric: bool = True, scale_method: str = "minmax") -> dict:
+                    symmetric: bool = True, scale_method: str = "minmax",
+                    grid: str = "amq") -> dict:
   """Activation ranges of the configured layers' inputs, observed on ``batches``.
 
   Runs ``model`` in inference mode through its activation hooks (weights fake-quantized per
@@ -211,7 +246,8 @@ def calibrate_model(model, batches, config, *, method: str = "minmax",
     batches: an array, a batch dict (``input_key``), or an iterable of either.
     config: the layers to calibrate (all listed layers, whatever their 'a' width, so widths
       can change later). method, percentile: see above. max_batches: stop after this many.
-    symmetric, scale_method: the weight quantizer.
+    symmetric, scale_method, grid: the weight quantizer. (``grid='qwix'`` models need no
+      ranges for inference; see :func:`quantize_model`.)
 
   Returns:
     ``{layer: [lo, hi]}`` with Python floats (JSON-able), in ``config``'s order.
@@ -223,6 +259,8 @@ def calibrate_model(model, batches, config, *, method: str = "minmax",
   names = set(cfg.layers)
   targets = (_weight_targets(model.params, cfg, model.layers, symmetric, scale_method)
              if quantize_weights else {})
+  _check_grid_widths([(p, "w", b) for p, (b, _) in targets.items()], grid, symmetric,
+                     scale_method)
 
   def observe(params, state, x):
     stats: dict[str, tuple] = {}
@@ -239,7 +277,7 @@ def calibrate_model(model, batches, config, *, method: str = "minmax",
         stats[name] = (lo, hi)
       return a
 
-    qparams = _fake_quant_weights(params, targets, symmetric, scale_method)
+    qparams = _fake_quant_weights(params, targets, symmetric, scale_method, grid)
     hooked(qparams, state, x, hook, train=False)
     return stats
 
@@ -302,7 +340,7 @@ def _params_of(variables):
 
 
 def make_quantized_apply(model, config, *, symmetric: bool = True,
-                         scale_method: str = "minmax") -> Callable:
+                         scale_method: str = "minmax", grid: str = "amq") -> Callable:
   """Returns ``apply(variables, x, *, train=False, act_ranges=None, mutable=False, **kw)``
   for a Flax Linen module: ``model.apply`` with ``config``'s weights and input activations
   fake-quantized (:func:`quantize_model` on ``adapters.from_linen``).
@@ -321,7 +359,7 @@ def make_quantized_apply(model, config, *, symmetric: bool = True,
       extra["rngs"] = rngs
     m = _linen_model(model, variables, x, train is None, extra)
     fn = quantize_model(m, cfg, act_ranges=act_ranges, symmetric=symmetric,
-                        scale_method=scale_method)
+                        scale_method=scale_method, grid=grid)
     state = {k: v for k, v in variables.items() if k != "params"}
     # train=None: no train= argument; the state is still updated when it is mutable.
     out, new_state = fn(_params_of(variables), state, x,
@@ -338,8 +376,8 @@ def make_quantized_apply(model, config, *, symmetric: bool = True,
 
 def quantized_apply(model, variables, x, config, *, train: bool | None = False,
                     act_ranges: Mapping[str, Any] | None = None, mutable=False,
-                    symmetric: bool = True, scale_method: str = "minmax", rngs=None,
-                    **call_kwargs):
+                    symmetric: bool = True, scale_method: str = "minmax", grid: str = "amq",
+                    rngs=None, **call_kwargs):
   """``model.apply`` of a Linen module with ``config``'s layers fake-quantized.
 
   Args:
@@ -350,6 +388,7 @@ def quantized_apply(model, variables, x, config, *, train: bool | None = False,
       with an 'a' width.
     mutable: as in ``model.apply`` (e.g. ``['batch_stats']`` when training).
     symmetric, scale_method: weight quantizer (per output channel).
+    grid: 'amq' or 'qwix' (see :func:`quantize_model`).
     rngs, call_kwargs: forwarded to ``model.apply``.
 
   Returns:
@@ -358,14 +397,16 @@ def quantized_apply(model, variables, x, config, *, train: bool | None = False,
   Differentiable w.r.t. ``variables['params']`` with straight-through gradients; jit it
   with ``config`` static (it is Python data) and ``act_ranges`` as an argument or constant.
   """
-  fn = make_quantized_apply(model, config, symmetric=symmetric, scale_method=scale_method)
+  fn = make_quantized_apply(model, config, symmetric=symmetric, scale_method=scale_method,
+                            grid=grid)
   return fn(variables, x, train=train, act_ranges=act_ranges, mutable=mutable, rngs=rngs,
             **call_kwargs)
 
 
 def calibrate(model, variables, batches, config, *, method: str = "minmax",
               percentile: float = 99.99, quantize_weights: bool = True,
-              input_key: str = "image", max_batches: int | None = None) -> dict:
+              input_key: str = "image", max_batches: int | None = None,
+              grid: str = "amq") -> dict:
   """:func:`calibrate_model` for a Linen module and its variables.
 
   Returns ``{layer_path: [lo, hi]}`` (floats) for every layer of ``config``.
@@ -381,4 +422,4 @@ def calibrate(model, variables, batches, config, *, method: str = "minmax",
                 state={k: v for k, v in variables.items() if k != "params"})
   return calibrate_model(m, itertools.chain([first], xs), config, method=method,
                          percentile=percentile, quantize_weights=quantize_weights,
-                         max_batches=max_batches)
+                         max_batches=max_batches, grid=grid)

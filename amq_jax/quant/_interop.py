@@ -30,10 +30,11 @@ layer's activation width to the nearest one that runs (stated in a warning).
 
 The weights are calibrated per output channel with qwix's 'absmax' grid, which is
 ``amq_jax.quant.quantize(..., grid='qwix', axis=-1)``: build the Omega table with
-``alloc.omega_table(..., grid='qwix')`` and the search optimizes the quantizer the deployed
-model runs. qwix quantizes a layer's input dynamically, one symmetric absmax scale per example
-(``quant.fake_quant(x, a, axis=0, grid='qwix')``), where amq-jax's activation quantizer uses
-calibrated static ranges. In QAT, qwix's QtProvider back-propagates through a convolution exactly as
+``alloc.omega_table(..., grid='qwix')`` (in the pipeline: ``--config.quant.grid=qwix``) and
+the search optimizes the quantizer the deployed model runs. qwix quantizes a layer's input
+dynamically, one symmetric absmax scale per example (``quant.fake_quant(x, a, axis=0,
+grid='qwix')``, what ``quant.quantize_model(..., grid='qwix')`` does), where amq-jax's
+activation quantizer uses calibrated static ranges. In QAT, qwix's QtProvider back-propagates through a convolution exactly as
 amq-jax's straight-through fake-quant does, but through a quantized Dense layer with its
 FLOAT operands (qwix's ``use_original_residuals``): the forward passes agree, the gradients of
 Dense layers and of the layers before them differ slightly.

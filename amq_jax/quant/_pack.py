@@ -19,6 +19,12 @@ Equinox ``[out, in, ...]`` weights): its packed integer levels, then ``C_out`` f
 scales, then (asymmetric only) ``C_out`` float32 zero-points; every other parameter as raw
 float32. So ``file size == 16 + header_len + payload`` and the payload equals
 ``amq_jax.alloc.model_size_bytes(params, config, layers=layers)`` exactly.
+
+The header's ``grid`` names the integer grid the levels are on ('amq' or 'qwix'; files
+without it are 'amq'). Loading needs no grid: every weight comes back as
+``(q - zero_point) * scale``, the values the model was fine-tuned with, whichever grid made
+them. ``load_packed(..., grid=...)`` checks the file against the grid a caller expects
+(e.g. integer levels to hand to qwix) and refuses a file of the other grid.
 """
 from __future__ import annotations
 
@@ -30,10 +36,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from amq_jax import _paths
+from amq_jax import _io, _paths
 from amq_jax.errors import LayerError, StateError
 from amq_jax.quant._config import BitConfig
-from amq_jax.quant._math import check_bits, quantize_jit
+from amq_jax.quant._math import GRIDS, check_bits, quantize_jit
 
 __all__ = ["pack", "unpack", "packed_nbytes", "export_packed", "load_packed", "read_header",
            "MAGIC"]
@@ -84,20 +90,23 @@ def unpack(buf, bits: int, count: int, signed: bool) -> np.ndarray:
   return u.astype(np.int32)
 
 
-def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str, axis: int = -1):
-  qt = quantize_jit(w, bits=bits, symmetric=symmetric, axis=axis, scale_method=scale_method)
+def _kernel_levels(w, bits: int, symmetric: bool, scale_method: str, axis: int = -1,
+                   grid: str = "amq"):
+  qt = quantize_jit(w, bits=bits, symmetric=symmetric, axis=axis, scale_method=scale_method,
+                    grid=grid)
   q = np.asarray(qt.q)
   if symmetric and bits == 1:
     q = (q > 0).astype(np.int32)  # binary: store the sign bit, +1 -> 1, -1 -> 0
     signed = False
   else:
-    signed = symmetric
+    signed = symmetric or grid == "qwix"  # qwix's asymmetric levels are signed too
   return (q, signed, np.asarray(qt.scale, np.float32).ravel(),
           np.asarray(qt.zero_point, np.float32).ravel())
 
 
 def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
-                  symmetric: bool = True, scale_method: str = "minmax") -> dict:
+                  symmetric: bool = True, scale_method: str = "minmax",
+                  grid: str = "amq") -> dict:
   """Writes ``params`` to one file with every configured layer's weight packed at its width.
 
   Weights in ``bits_cfg`` are quantized per output channel exactly as
@@ -109,12 +118,13 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
     path: output file (the ``.amq`` format of the module docstring).
     layers: the model's ``adapters.Layers`` (each layer's weight leaf and channel axis);
       without it, leaves named ``kernel`` with the output channel last.
-    symmetric, scale_method: as in :func:`amq_jax.quant.quantize`.
+    symmetric, scale_method, grid: as in :func:`amq_jax.quant.quantize`; the grid is
+      recorded in the header.
 
   Returns:
     ``{'file_bytes', 'header_bytes', 'payload_bytes'}``.
   """
-  from amq_jax.quant._apply import check_config, quantizable_layers
+  from amq_jax.quant._apply import _check_grid_widths, check_config, quantizable_layers
 
   flat = _paths.flatten(params)
   if layers is None:
@@ -124,6 +134,8 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
     cfg = check_config(bits_cfg, layers)
     wanted = {layers[l].param: (l, cfg[l]["w"], layers[l].channel_axis)
               for l in cfg.layers if cfg[l]["w"] is not None}
+  _check_grid_widths([(l, "w", b) for l, b, _ in wanted.values()], grid, symmetric,
+                     scale_method)
   entries, chunks, offset = [], [], 0
 
   def add(buf: bytes):
@@ -137,7 +149,7 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
     e: dict[str, Any] = {"path": p, "shape": list(v.shape), "dtype": str(v.dtype)}
     if p in wanted:
       layer, b, axis = wanted[p]
-      q, signed, scale, zp = _kernel_levels(v, b, symmetric, scale_method, axis)
+      q, signed, scale, zp = _kernel_levels(v, b, symmetric, scale_method, axis, grid)
       e.update(kind="quant", layer=layer, axis=int(axis), bits=b, signed=signed,
                symmetric=symmetric,
                levels=add(pack(q, b, signed=signed).tobytes()),
@@ -147,14 +159,10 @@ def export_packed(params, bits_cfg, path: str | os.PathLike, *, layers=None,
     else:
       e.update(kind="float32", data=add(np.ascontiguousarray(v, np.float32).tobytes()))
     entries.append(e)
-  header = json.dumps({"format": MAGIC.decode(), "entries": entries,
+  header = json.dumps({"format": MAGIC.decode(), "grid": grid, "entries": entries,
                        "payload_bytes": offset}, separators=(",", ":")).encode()
-  with open(path, "wb") as f:
-    f.write(MAGIC)
-    f.write(struct.pack("<Q", len(header)))
-    f.write(header)
-    for c in chunks:
-      f.write(c)
+  # One atomic write: an interrupted export leaves the previous file (or none), never half.
+  _io.write_bytes(path, b"".join([MAGIC, struct.pack("<Q", len(header)), header, *chunks]))
   head = len(MAGIC) + 8 + len(header)
   return {"file_bytes": head + offset, "header_bytes": head, "payload_bytes": offset}
 
@@ -192,7 +200,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
   return header, len(MAGIC) + 8 + n
 
 
-def load_packed(path: str | os.PathLike, *, return_config: bool = False, like=None):
+def load_packed(path: str | os.PathLike, *, return_config: bool = False, like=None,
+                grid: str | None = None):
   """Reads an :func:`export_packed` file back: dequantized float32 params.
 
   Args:
@@ -200,11 +209,24 @@ def load_packed(path: str | os.PathLike, *, return_config: bool = False, like=No
     return_config: also return the ``BitConfig`` of the packed layers (weight bits).
     like: a params pytree of the model (e.g. an Equinox module's ``params``): the result
       takes its structure. Without it, nested dicts keyed by the path components.
+    grid: None loads a file of either grid (the values are exact either way); 'amq' or
+      'qwix' requires the file to be on that grid.
 
   Returns:
     ``params`` or ``(params, BitConfig)``.
+
+  Raises:
+    StateError: the file is damaged, or was exported on another grid than ``grid``.
   """
+  if grid is not None and grid not in GRIDS:
+    raise ValueError(f"grid must be None or one of {GRIDS}, got {grid!r}")
   header, start = read_header(path)
+  have = header.get("grid", "amq")
+  if grid is not None and have != grid:
+    raise StateError(f"{os.fspath(path)} holds weights on the {have!r} grid, not {grid!r}; "
+                     f"load it with grid={have!r} (or grid=None), or export it again with "
+                     f"grid={grid!r} (amq-jax: --config.quant.grid={grid} re-runs the "
+                     "fine-tune)")
   with open(path, "rb") as f:
     f.seek(start)
     payload = f.read()

@@ -122,6 +122,8 @@ def write_report(root: str, *, config_name: str, metric: str, fp32: dict, search
             "activation_budget": (search.get("activations") or {}).get("budget"),
             "frontier_points": w["frontier"]["points"], "methods": rows,
             "curvature": traces.get("curvature", "hessian"),
+            # the integer grid the search's Omega and the fine-tunes used (frontier.json)
+            "grid": search.get("grid", "amq"),
             "trace_status": {k: v.get("status") for k, v in traces.get("layers", {}).items()},
             "bits": {m: rec["config"] for m, rec in recs.items()},
             "stages": {k: {"fingerprint": v.get("fingerprint"), "seconds": v.get("seconds"),
@@ -139,7 +141,9 @@ def write_report(root: str, *, config_name: str, metric: str, fp32: dict, search
   md += [f"Budget: `{w['budget']['spec']}` ({w['budget']['description']}). Exact frontier: "
          f"{w['frontier']['points']} configurations, found in {1e3 * w.get('seconds', 0):.1f} ms. "
          f"Curvature: **{report['curvature']}** ({traces.get('estimator')}, "
-         f"{traces.get('num_examples')} examples).", ""]
+         f"{traces.get('num_examples')} examples). Integer grid: **{report['grid']}**"
+         + (" (qwix's, as the model deploys with qwix)" if report["grid"] == "qwix" else "")
+         + ".", ""]
   if search.get("activations"):
     a = search["activations"]
     md += [f"Activation budget `{a['budget']['spec']}` ({a['budget']['description']}); "
