@@ -325,3 +325,22 @@ def test_export_load_and_size(tmp_path, symmetric):
   n = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
   assert alloc.model_size_bytes(params) == 4 * n
   assert alloc.model_size_mb(params) == 4 * n / 1e6
+
+
+def test_export_interrupted_keeps_previous_file(tmp_path, monkeypatch):
+  """An export that fails half-way leaves the previous file intact and no stray temp file."""
+  import os
+  params = _init("resnet_tiny")[1]["params"]
+  layers = quant.quantizable_layers(params)
+  path = tmp_path / "m.amq"
+  quant.export_packed(params, quant.BitConfig({l: 8 for l in layers}), path)
+  before = path.read_bytes()
+
+  def boom(*a, **k):
+    raise KeyboardInterrupt("killed")
+  monkeypatch.setattr(os, "replace", boom)
+  with pytest.raises(KeyboardInterrupt):
+    quant.export_packed(params, quant.BitConfig({l: 2 for l in layers}), path)
+  monkeypatch.undo()
+  assert path.read_bytes() == before
+  assert sorted(os.listdir(tmp_path)) == ["m.amq"]
