@@ -91,14 +91,15 @@ def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
   fc.num_steps = None
   bits = quant.BitConfig(config)
   test = exp.cfg.get("test_limit")  # the test set the accuracy is measured on
-  key = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test)[:12]
+  grid = [] if _grid(exp) == "amq" else [_grid(exp)]  # amq keys unchanged
+  key = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test, *grid)[:12]
   out = os.path.join(exp.wd.root, "claims", key, f"seed{seed}")
   rpath = os.path.join(out, "result.json")
-  fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test, seed)
+  fp = fingerprint("claims", exp.fp32_fp, bits.to_dict(), fc, test, *grid, seed)
 
   def compute():
     res = _stages.finetune_bits(exp.model, exp.task, bits, fc, out, seed=seed,
-                                progress=exp.progress, desc=f"{name} seed {seed}",
+                                grid=_grid(exp), progress=exp.progress, desc=f"{name} seed {seed}",
                                 evaluate_before=seed == 0, check_export=False)
     _io.write_json(rpath, res)
   exp.wd.cached(f"claims/{key}/seed{seed}", fp, [rpath], compute, clear=[out])
@@ -108,16 +109,26 @@ def qat(exp, name: str, config: dict, seed: int, epochs: float) -> dict:
   return res
 
 
+def _grid(exp) -> str:
+  """The integer grid of the config (``quant.grid``; 'amq' when the config predates it)."""
+  q = exp.cfg.get("quant")
+  return q.get("grid", "amq") if q is not None else "amq"
+
+
 def ptq_accuracy(exp, config: dict, calib) -> float:
   """Calibrated post-training accuracy of one configuration, cached by its fingerprint."""
   bits = quant.BitConfig(config)
+  grid = [] if _grid(exp) == "amq" else [_grid(exp)]
   key = fingerprint("ptq", exp.fp32_fp, bits.to_dict(), exp.cfg.finetune.calib_method,
-                    exp.cfg.get("test_limit"))[:12]
+                    exp.cfg.get("test_limit"), *grid)[:12]
   path = os.path.join(exp.wd.root, "claims", "ptq", f"{key}.json")
   if os.path.isfile(path):
     return float(_io.read_json(path)["accuracy"])
-  ranges = quant.calibrate_model(exp.model, calib, bits, method=exp.cfg.finetune.calib_method)
-  apply = quant.quantize_model(exp.model, bits, act_ranges=ranges)
+  ranges = {}
+  if _grid(exp) == "amq":  # qwix quantizes inputs per example: no calibrated ranges
+    ranges = quant.calibrate_model(exp.model, calib, bits,
+                                   method=exp.cfg.finetune.calib_method)
+  apply = quant.quantize_model(exp.model, bits, act_ranges=ranges, grid=_grid(exp))
   acc = float(exp.task.evaluate(apply, exp.model.params, exp.model.state)["accuracy"])
   _io.write_json(path, {"accuracy": acc, "bits": bits.to_dict()})
   return acc
@@ -187,7 +198,7 @@ def main(argv=None):
     save = lambda: args.out and _io.write_json(args.out, dict(out, seconds=wall()))  # noqa
     # -- does Omega rank configurations? (after PTQ first: cheap, and the premise) ----------
     b0 = args.rank_budget or args.budgets[0]
-    pb = _stages.weight_problem(exp.model, traces, eig, cfg.search)
+    pb = _stages.weight_problem(exp.model, traces, eig, cfg.search, grid=_grid(exp))
     calib = exp.task.first_batches(int(cfg.finetune.calib_examples),
                                    min(int(cfg.finetune.calib_examples), 128))
     configs = [alloc.random_bits(pb, b0, seed=5000 + k) for k in range(args.rank_configs)]
@@ -199,7 +210,7 @@ def main(argv=None):
     omegas = {m: [pb.omega_of(c, m) for c in configs] for m in pb.methods}
     omegas[f"hawq_v2[{primary}]"] = omegas.pop("hawq_v2")
     if also is not None:
-      pa = _stages.weight_problem(exp.model, also, None, cfg.search)
+      pa = _stages.weight_problem(exp.model, also, None, cfg.search, grid=_grid(exp))
       omegas[f"hawq_v2[{args.also}]"] = [pa.omega_of(c, "hawq_v2") for c in configs]
     rank = {"budget": b0, "configs": len(configs), "ptq": {}, "qat": {},
             "raw": {"bits": [list(map(int, c)) for c in configs], "ptq": ptq, "qat": [],
@@ -214,11 +225,12 @@ def main(argv=None):
     for budget in args.budgets:
       t1 = time.perf_counter()
       res = _stages.search_bits(exp.model, traces, eig, None, cfg.search, budget=budget,
-                                methods=args.methods, num_random=args.num_random)
+                                methods=args.methods, num_random=args.num_random,
+                                grid=_grid(exp))
       search_s = search_s or time.perf_counter() - t1
       if also is not None:
         ra = _stages.search_bits(exp.model, also, None, None, cfg.search, budget=budget,
-                                 methods=["hawq_v2"])
+                                 methods=["hawq_v2"], grid=_grid(exp))
         res["methods"][f"hawq_v2_{args.also}"] = ra["methods"]["hawq_v2"]
       rows = {}
       for m, rec in res["methods"].items():
