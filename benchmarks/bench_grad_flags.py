@@ -39,6 +39,11 @@ VARIANTS = {
     "xnnpack": ("--xla_cpu_use_xnnpack=true", {}, "XNNPACK for dots/convs where supported"),
     "fast math": ("--xla_cpu_enable_fast_math=true", {}, "relaxed float semantics"),
     "legacy runtime": ("--xla_cpu_use_thunk_runtime=false", {}, "pre-thunk CPU runtime"),
+    "xla on 1 core": ("", {"AMQ_BENCH_CORES": "0"}, "the default build pinned to one core: "
+                      "how much of the second core XLA uses"),
+    "2 host devices + batch sharding": (
+        "--xla_force_host_platform_device_count=2", {"AMQ_BENCH_SHARD": "1"},
+        "half the batch per core (data parallel over a 2-device CPU mesh)"),
     "bf16 matmul precision": ("", {"JAX_DEFAULT_MATMUL_PRECISION": "bfloat16"},
                               "lower-precision convs (changes numerics)"),
 }
@@ -62,7 +67,7 @@ def _worker(args) -> None:
     import torch.nn.functional as F
     sys.path.insert(0, HERE)
     from torch_reference import torch_model_like
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("AMQ_BENCH_TORCH_THREADS", "2")))
     path = train.shipped_checkpoint("resnet20_fmnist")
     variables = train.restore_variables(path)
     flax_model = models.get_model("resnet20", num_classes=10)
@@ -88,18 +93,25 @@ def _worker(args) -> None:
     model = models.get_model("resnet20", num_classes=10)
     state = {k: v for k, v in variables.items() if k != "params"}
 
-    def loss_fn(p):
+    def loss_fn(p, state, x, y):
       logits = model.apply({"params": p, **state}, x, train=False)
       onehot = jax.nn.one_hot(y, logits.shape[-1])
       return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
     g = jax.jit(jax.grad(loss_fn))
+    if os.environ.get("AMQ_BENCH_SHARD"):
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      mesh = Mesh(jax.devices(), ("batch",))
+      x = jax.device_put(x, NamedSharding(mesh, P("batch")))
+      y = jax.device_put(y, NamedSharding(mesh, P("batch")))
+      variables = jax.device_put(variables, NamedSharding(mesh, P()))
+      state = {k: v for k, v in variables.items() if k != "params"}
     t0 = time.perf_counter()
-    jax.block_until_ready(g(variables["params"]))
+    jax.block_until_ready(g(variables["params"], state, x, y))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.reps):
       t0 = time.perf_counter()
-      jax.block_until_ready(g(variables["params"]))
+      jax.block_until_ready(g(variables["params"], state, x, y))
       times.append(time.perf_counter() - t0)
   print(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
                     "first_call_s": compile_s}))
@@ -109,13 +121,18 @@ def _run(name: str, args) -> dict | None:
   env = dict(os.environ)
   if name == "torch":
     flags, extra = "", {}
+  elif name == "torch 1 thread":
+    flags, extra = "", {"AMQ_BENCH_TORCH_THREADS": "1"}
   else:
     flags, extra, _ = VARIANTS[name]
   env["XLA_FLAGS"] = " ".join(x for x in (os.environ.get("XLA_FLAGS", ""), flags) if x)
   env.update(extra)
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, __file__, "--worker", "torch" if name == "torch" else "jax",
+  cmd = [sys.executable, __file__, "--worker",
+         "torch" if name.startswith("torch") else "jax",
          "--batch", str(args.batch), "--reps", str(args.reps)]
+  if "AMQ_BENCH_CORES" in extra:
+    cmd = ["taskset", "-c", extra["AMQ_BENCH_CORES"]] + cmd
   p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   if p.returncode != 0:
     tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
@@ -146,7 +163,7 @@ def main(argv=None):
   if not args.no_torch:
     try:
       import torch  # noqa: F401
-      names = ["torch"] + names
+      names = ["torch", "torch 1 thread"] + names
     except ImportError:
       print("torch is not importable here: PyTorch column skipped "
             "(see benchmarks/requirements-bench.txt)", file=sys.stderr)
@@ -173,7 +190,8 @@ def main(argv=None):
   print("| variant | s / gradient | / PyTorch | / xla default | note |\n|---|---|---|---|---|")
   for n, s in summary.items():
     t = s["median_s"]
-    note = "PyTorch 2 threads" if n == "torch" else VARIANTS[n][2]
+    note = ("PyTorch 2 threads" if n == "torch" else "PyTorch 1 thread"
+            if n == "torch 1 thread" else VARIANTS[n][2])
     if t is None:
       print(f"| {n} | failed: {s['error']} | | | {note} |")
       continue
