@@ -237,6 +237,7 @@ SCHEMA: dict[str, Rule] = {
     "hessian.estimator": _choice("per_layer", "joint", "adaptive", "hutchpp"),
     "hessian.curvature": _choice("hessian", "ggn", "fisher"),
     "hessian.compare": _choice("hessian", "ggn", "fisher", none=True),
+    "hessian.ggn_method": _choice("auto", "exact", "sampled"),
     "hessian.compare_max_probes": _int(1, none=True, example="12"),
     "hessian.confidence": _num(0, 1, lo_open=True, hi_open=True, example="0.6827"),
     "hessian.rtol": _num(0, 1, lo_open=True, hi_open=True, example="0.1"),

@@ -184,3 +184,28 @@ def test_spearman_ties_and_constants():
   assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
   assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
   assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_exact_ggn_method_and_auto_rule(run, tmp_path):
+  """hessian.ggn_method='exact' writes the exact GGN traces (equal to hessian.exact_ggn_traces
+  computed here), every layer converged with no sampling error; 'auto' picks exact only when
+  the classes (10) are no more than min_probes."""
+  from amq_jax.pipeline import _commands, _stages
+  wd = str(tmp_path / "wd")
+  shutil.copytree(run[0], wd)
+  cfg = _cfg("hessian.ggn_method=exact")
+  pipeline.analyze(cfg, wd, progress=False)
+  tr = _json(wd, "analyze", "traces.json")
+  assert tr["curvature"] == "ggn" and tr["estimator"].startswith("exact")
+  assert {l["status"] for l in tr["layers"].values()} <= {"converged", "near_zero"}
+  assert all(l["stderr"] == 0 for l in tr["layers"].values())
+  exp = _commands.build(cfg, wd, progress=False)
+  batches = exp.task.first_batches(cfg.hessian.num_examples, cfg.hessian.batch_size)
+  want = hessian.exact_ggn_traces(exp.task.logits_fn(exp.model), exp.model.params, batches)
+  for rec in tr["layers"].values():
+    np.testing.assert_allclose(rec["trace"], want[rec["param"]].trace, rtol=1e-5)
+  logits_fn = exp.task.logits_fn(exp.model)
+  assert _stages.ggn_exact_is_cheaper(exp.model, logits_fn, batches, 10)
+  assert not _stages.ggn_exact_is_cheaper(exp.model, logits_fn, batches, 9)
+  with pytest.raises(ConfigError, match="ggn_method"):
+    validate_config(_cfg("hessian.ggn_method=closed_form"))

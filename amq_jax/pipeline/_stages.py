@@ -42,6 +42,10 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
 
   ``hc.curvature``: ``'hessian'`` (Hutchinson on Hessian blocks, the paper's method),
   ``'ggn'`` or ``'fisher'`` (output-space probes; need ``task.logits_fn``).
+
+  ``hc.ggn_method`` (GGN only): ``'sampled'`` (output-space probes to ``rtol``),
+  ``'exact'`` (:func:`amq_jax.hessian.exact_ggn_traces`: one per-example backward pass per
+  output class, no sampling error) or ``'auto'``: exact when :func:`ggn_exact_is_cheaper`.
   """
   batches = task.first_batches(hc.num_examples, hc.batch_size)
   loss_fn = task.curvature_loss(model)
@@ -59,17 +63,50 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
     if name in hc:
       kw[name] = hc[name]
   t0 = time.time()
-  est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
+  method = "sampled"
+  if curvature == "ggn":
+    method = hc.get("ggn_method", "sampled")
+    if method == "auto":
+      method = "exact" if ggn_exact_is_cheaper(model, kw["logits_fn"], batches,
+                                               hc.min_probes) else "sampled"
+  if method == "exact":
+    est = hessian.exact_ggn_traces(kw["logits_fn"], model.params, batches,
+                                   wrt=model.layers.params_paths, progress=progress)
+  else:
+    est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
   layers = hessian.estimates_to_json(est)
   by_param = model.layers.by_param()
   out_layers = {}
   for p, e in layers.items():
     out_layers[by_param[p].name] = dict(e, param=p)
-  return {"curvature": curvature,
-          "estimator": hc.estimator if curvature == "hessian" else "output-space probes",
+  estimator = {"hessian": hc.estimator}.get(curvature, "output-space probes")
+  if method == "exact":
+    estimator = "exact (one per-example pass per class)"
+  return {"curvature": curvature, "estimator": estimator,
           "rtol": hc.rtol, "confidence": hc.get("confidence"),
           "num_examples": len(batches) * hc.batch_size, "seconds": time.time() - t0,
           "layers": out_layers}
+
+
+EXACT_GGN_MAX_BYTES = 1 << 30
+
+
+def ggn_exact_is_cheaper(model: Model, logits_fn, batches, min_probes: int) -> bool:
+  """Whether the exact GGN trace costs no more than sampling it (``ggn_method='auto'``).
+
+  Sampling cannot stop before ``min_probes`` probes, each one backward pass over every
+  example; the exact trace is one per-example backward pass per output class ``C``. So exact
+  is never the dearer of the two when ``C <= min_probes`` (ResNet20, 10 classes: 8.9 s vs
+  68 s for the sampled GGN to 5%, benchmarks/RESULTS.md). It also holds a batch of
+  per-example gradients (``batch_size x parameters`` floats): above 1 GiB, sampling.
+  """
+  out = jax.eval_shape(logits_fn, model.params, batches[0])
+  classes = int(out.shape[-1]) if len(out.shape) == 2 else None
+  if classes is None or classes > int(min_probes):
+    return False
+  n = int(sum(model.layers.counts()))
+  batch = int(jax.tree_util.tree_leaves(batches[0])[0].shape[0])
+  return 4 * n * batch <= EXACT_GGN_MAX_BYTES
 
 
 def analyze_eigenvalues(model: Model, task: Task, hc, *, progress: bool = True) -> dict:
