@@ -159,7 +159,12 @@ def main(argv=None):
                   "(default: the first of --budgets)")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*", help="config overrides FIELD=VALUE")
+  ap.add_argument("--markdown", default=None, metavar="JSON",
+                  help="print the tables of a finished (or partial) sweep's JSON and exit")
   args = ap.parse_args(argv)
+  if args.markdown:
+    print(to_markdown(_io.read_json(args.markdown, what="the sweep's results")))
+    return None
   cfg = load_config(args.config, args.overrides)
   t_start = time.time()
   with _commands._session(cfg, args.workdir):
@@ -278,8 +283,41 @@ def main(argv=None):
   _plot(out, os.path.join(args.workdir, "accuracy_vs_size.png"))
   if args.out:
     _plot(out, os.path.splitext(args.out)[0] + ".png")
-  print(json.dumps({k: v for k, v in out.items() if k != "budgets"}, indent=1, default=str)[:4000])
+  print(to_markdown(out))
   return out
+
+
+def to_markdown(out: dict) -> str:
+  """The sweep's tables: accuracy per method and budget, the paired verdicts, Omega ranks."""
+  lines = [f"Curvature: {out.get('curvature')}" + (f" (and {out['also']})" if out.get("also")
+                                                   else "") +
+           f"; {out.get('seeds')} fine-tuning seeds of {out.get('epochs')} epoch QAT each."]
+  for budget, b in out.get("budgets", {}).items():
+    lines += ["", f"**{budget}**", "",
+              "| method | size (MB) | avg bits | Omega (trace-weighted) | PTQ | QAT mean +- std |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for m, r in sorted(b["rows"].items(), key=lambda kv: -kv[1]["qat_mean"]):
+      om = r["omega"].get("hawq_v2") if isinstance(r["omega"], dict) else r["omega"]
+      lines.append(f"| {m} | {r['size_mb']:.4f} | {r['avg_bits']:.3f} | "
+                   f"{om:.4g} | {100 * r['ptq']:.2f} | "
+                   f"{100 * r['qat_mean']:.2f} +- {100 * r['qat_std']:.2f} |")
+    lines += ["", "| comparison | mean diff (pp) | 95% t-interval (pp) | verdict | same bits |",
+              "|---|---:|---|---|---|"]
+    for k, c in b["claims"].items():
+      ci = "-" if c["ci_pp"] is None else f"[{c['ci_pp'][0]:+.2f}, {c['ci_pp'][1]:+.2f}]"
+      lines.append(f"| {k} | {c['mean_pp']:+.2f} | {ci} | {c['verdict']} | "
+                   f"{'yes' if c.get('same_configuration') else 'no'} |")
+  rank = out.get("omega_rank")
+  if rank:
+    lines += ["", f"Omega vs accuracy at {rank['budget']}, {rank['configs']} configurations "
+              "(Spearman; negative = lower Omega, higher accuracy):", "",
+              "| sensitivity | after PTQ [95% bootstrap] | after QAT [95% bootstrap] |",
+              "|---|---|---|"]
+    for m, v in rank["ptq"].items():
+      q = rank.get("qat", {}).get(m)
+      fmt = lambda x: f"{x['spearman']:+.2f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]"  # noqa
+      lines.append(f"| {m} | {fmt(v)} | {fmt(q) if q else '-'} |")
+  return "\n".join(lines)
 
 
 def _statuses(traces: dict) -> dict:
