@@ -160,10 +160,14 @@ def main(argv=None):
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*", help="config overrides FIELD=VALUE")
   ap.add_argument("--markdown", default=None, metavar="JSON",
-                  help="print the tables of a finished (or partial) sweep's JSON and exit")
+                  help="print the tables of a finished (or partial) sweep's JSON, draw its "
+                       "figure beside it (JSON -> .png) and exit")
   args = ap.parse_args(argv)
   if args.markdown:
-    print(to_markdown(_io.read_json(args.markdown, what="the sweep's results")))
+    done = _io.read_json(args.markdown, what="the sweep's results")
+    print(to_markdown(done))
+    if done.get("budgets"):
+      _plot(done, os.path.splitext(args.markdown)[0] + ".png")
     return None
   cfg = load_config(args.config, args.overrides)
   t_start = time.time()
