@@ -343,21 +343,27 @@ def _trace_rank(a: dict, b: dict) -> float | None:
 
 
 def _plot(out: dict, path: str) -> None:
+  """Accuracy vs size after PTQ (left) and after QAT with error bars over seeds (right)."""
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(7, 4.5))
-  ax = fig.add_subplot()
+  fig = Figure(figsize=(11, 4.5))
+  axes = fig.subplots(1, 2)
   methods = sorted({m for b in out["budgets"].values() for m in b["rows"]})
   for m in methods:
-    pts = [(b["rows"][m]["size_mb"], b["rows"][m]["qat_mean"], b["rows"][m]["qat_std"])
-           for b in out["budgets"].values() if m in b["rows"]]
-    if pts:
-      x, y, e = zip(*sorted(pts))
-      ax.errorbar(x, 100 * np.array(y), yerr=100 * np.array(e), marker="o", capsize=3, label=m)
-  ax.set_xlabel("model size (MB)")
-  ax.set_ylabel("top-1 after QAT (%)")
-  ax.set_title("Accuracy vs size (mean +- std over fine-tuning seeds)")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
+    pts = sorted((b["rows"][m]["size_mb"], b["rows"][m]["ptq"], b["rows"][m]["qat_mean"],
+                  b["rows"][m]["qat_std"]) for b in out["budgets"].values() if m in b["rows"])
+    if not pts:
+      continue
+    x, ptq, y, e = (np.array(v) for v in zip(*pts))
+    axes[0].plot(x, 100 * ptq, marker="o", label=m)
+    axes[1].errorbar(x, 100 * y, yerr=100 * e, marker="o", capsize=3, label=m)
+  for ax, what in zip(axes, ("before QAT (calibrated PTQ)",
+                             f"after {out.get('epochs')} epoch QAT (mean +- std, "
+                             f"{out.get('seeds')} seeds)")):
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"Accuracy vs size, {what}", fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
