@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The curvature benchmarks on an NVIDIA GPU, in one prepared run.
+# ResNet50 curvature figures on an NVIDIA GPU, in one prepared run of at most 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Installs nothing: run it where JAX already sees the GPU (jax[cuda12] matching the driver)
-# and the repository's Python environment exists (.venv/bin/python, or set PYTHON=...).
-# Real Fashion-MNIST training images are needed (the Debian path, or AMQ_DATA_DIR=DIR).
+# Installs and downloads nothing: run it where JAX already sees the GPU (a CUDA build of
+# jax matching the driver, e.g. jax[cuda12]) and the repository's Python environment
+# exists (.venv/bin/python, or set PYTHON=...). The data are synthetic (jax.random).
+# Runs benchmarks/bench_gpu.py: ResNet50 at random init, 2 batches of 64 synthetic
+# 224x224x3 images, 1000 classes; rows grad, hvp (make_hvp), GGN, Fisher and Hessian
+# per_layer traces (layer_traces, every layer to 5% relative standard error or the row's
+# cap), each with its compile time apart, in gradient-equivalents, plus the Spearman rank
+# correlation of GGN/Fisher vs Hessian over the layers.
 # Writes into OUTDIR:
-#   env.txt          nvidia-smi and jax.devices()
-#   curvature.json   bench_curvature.py: GGN, exact GGN and the Hessian (per_layer) traces of
-#                    the shipped ResNet20 on 1,024 training images, every layer to 5%
-#   hessian.json     bench_hessian.py: HVP/gradient time and estimators on the same weights
-#   *.log            each benchmark's output
-# and prints one summary line. Each benchmark runs under `timeout`; a method that does not
-# reach 5% everywhere within CAP seconds reports how far it got and a projection.
-# Environment: CAP (seconds per method, default 120), PYTHON, AMQ_DATA_DIR.
-# Exit status: 0 all ran; 2 no GPU backend / no data / bad usage; 1 a benchmark failed.
+#   env.txt               date, commit, nvidia-smi and jax.devices()
+#   gpu_resnet50.json     every figure (rewritten after each row: a cut run keeps its rows)
+#   gpu_resnet50.log      the benchmark's output, ending with a Markdown table
+# and prints one summary line. Everything, the benchmark's `timeout` included, ends within
+# TOTAL seconds of the start (480); the benchmark gets a --deadline a little shorter, so
+# that it shortens its last caps and ends by itself.
+# Environment: PYTHON; TIME_CAP (seconds per curvature row, default 90).
+# Exit status: 0 all rows ran; 2 no GPU backend / bad usage; 1 the benchmark failed or
+# was cut by the timeout (the JSON then holds the rows that finished).
 set -u -o pipefail
 
+TOTAL=480
 if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
   exit 2
@@ -25,7 +31,7 @@ fi
 OUT=$1
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-CAP=${CAP:-120}
+TIME_CAP=${TIME_CAP:-90}
 if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then
   echo "gpu_check: error: no Python at $PY; set PYTHON=/path/to/python (the environment" \
        "where amq-jax and a CUDA build of jax are installed)" >&2
@@ -53,71 +59,58 @@ if jax.default_backend() != "gpu":
         "only. Install a CUDA build of jax matching the driver (e.g. jax[cuda12]; this "
         "script installs nothing) and re-run.", file=sys.stderr)
   sys.exit(2)
-from amq_jax.data import fashion_mnist
-try:
-  fashion_mnist.load("train", limit=1024)
-except Exception as e:  # noqa: BLE001 - any failure here means the data is not usable
-  print(f"gpu_check: error: Fashion-MNIST training images are needed: {e}", file=sys.stderr)
-  sys.exit(2)
 EOF
 status=$?
 if [ $status -ne 0 ]; then
+  echo "gpu_check: stopped: no usable GPU backend (exit 2); nothing was measured" >&2
   exit 2
 fi
 
-failed=0
-run() {  # run NAME LIMIT_SECONDS ARGS...
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name (timeout ${limit}s): $PY $*"
-  local t0=$SECONDS
-  timeout --kill-after=30 "$limit" "$PY" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 15 "$OUT/$name.log"
-  echo "== $name: exit $rc after $((SECONDS - t0)) s"
-  if [ $rc -ne 0 ]; then failed=1; fi
-}
+# What is left of TOTAL: `timeout` TERMs at LIMIT and KILLs 10 s later; the benchmark's own
+# deadline is 30 s earlier still (it counts from its start, imports included).
+LIMIT=$((TOTAL - SECONDS - 15))
+if [ $LIMIT -lt 60 ]; then
+  echo "gpu_check: error: only ${LIMIT}s left of ${TOTAL}s after the environment checks" >&2
+  exit 1
+fi
+echo "== bench_gpu (timeout ${LIMIT}s, deadline $((LIMIT - 30))s, cap ${TIME_CAP}s per row)"
+timeout --kill-after=10 "$LIMIT" "$PY" benchmarks/bench_gpu.py \
+  --out "$OUT/gpu_resnet50.json" --deadline $((LIMIT - 30)) --time-cap "$TIME_CAP" \
+  2>&1 | tee "$OUT/gpu_resnet50.log"
+rc=$?
 
-# GGN, exact GGN and Hessian per_layer on the shipped ResNet20, 1,024 real images (8 x 128),
-# every layer to 5% relative standard error or CAP seconds per method.
-run curvature $((3 * CAP + 600)) benchmarks/bench_curvature.py \
-  --methods ggn,ggn_exact,per_layer --num-examples 1024 --batch-size 128 --rtol 0.05 \
-  --time-cap "$CAP" --out "$OUT/curvature.json"
-# HVP / gradient time and the Hessian estimators on the same (shipped) weights, batch 128.
-run hessian $((2 * CAP + 600)) benchmarks/bench_hessian.py \
-  --variables shipped --estimators per_layer,joint --time-cap "$CAP" \
-  --out "$OUT/hessian.json"
-
-"$PY" - "$OUT" <<'EOF'
-import json, os, sys
-out = sys.argv[1]
-def load(name):
-  try:
-    with open(os.path.join(out, name)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+"$PY" - "$OUT/gpu_resnet50.json" "$rc" "$SECONDS" <<'EOF'
+import json, sys
+path, rc, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+  with open(path) as f:
+    r = json.load(f)
+except (OSError, ValueError) as e:
+  print(f"gpu_check: no result ({e}); exit {rc} after {secs} s")
+  sys.exit(0)
 parts = []
-c = load("curvature.json")
-if c:
-  for m, r in c.get("methods", {}).items():
-    parts.append(f"{m} {r['seconds']:.1f}s ({r['layers_at_rtol']}/{c['layers']} at 5%)")
-  sp = c.get("spearman_vs_hessian", {}).get("ggn")
-  if sp is not None:
-    parts.append(f"Spearman GGN vs Hessian {sp:.3f}")
-else:
-  parts.append("curvature: no result")
-h = load("hessian.json")
-if h:
-  parts.append(f"HVP/grad {h['hvp_over_grad']:.2f}")
-  for m, r in h.get("estimators", {}).items():
-    parts.append(f"{m} {r['converged_layers']}/{h['layers']} converged in {r['seconds']:.0f}s")
-else:
-  parts.append("hessian: no result")
-print("gpu_check: " + "; ".join(parts) + f" -> {out}")
+for name, x in r.get("rows", {}).items():
+  if "error" in x or "skipped" in x:
+    parts.append(f"{name} {'FAILED' if 'error' in x else 'skipped'}")
+  elif name == "grad":
+    parts.append(f"grad {x['seconds'] * 1e3:.0f} ms")
+  elif name == "hvp":
+    parts.append(f"hvp {x['seconds'] * 1e3:.0f} ms = {x['grad_equivalents']:.2f} grads")
+  else:
+    parts.append(f"{name} {x['seconds']:.0f}s = {x['grad_equivalents']:.0f} grad-eq, "
+                 f"{x['layers_at_rtol']}/{x['layers']} at {r['rtol']:.0%}")
+for m, s in (r.get("spearman_vs_hessian") or {}).items():
+  if s is not None:
+    parts.append(f"Spearman {m} vs Hessian {s:.3f} ({r.get('spearman_layers')} layers)")
+dev = r.get("device_kind", "?")
+print(f"gpu_check: {dev}: " + "; ".join(parts) + f" (exit {rc}, {secs} s) -> {path}")
 EOF
 
-if [ $failed -ne 0 ]; then
-  echo "gpu_check: error: a benchmark failed; see $OUT/*.log" >&2
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  echo "gpu_check: error: bench_gpu.py was cut by the ${LIMIT}s timeout; the JSON holds the" \
+       "rows that finished" >&2
+  exit 1
+elif [ $rc -ne 0 ]; then
+  echo "gpu_check: error: bench_gpu.py exited $rc; see $OUT/gpu_resnet50.log" >&2
   exit 1
 fi
