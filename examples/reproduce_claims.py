@@ -47,6 +47,13 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         9: 2.262, 10: 2.228}
 
 
+# Paired comparisons per budget (the seed's claims (a)-(c), and against uniform widths).
+PAIRS = {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
+         "b_low_vs_high_omega": ("hawq_v2", "high_omega"),
+         "c_hawq_v2_vs_hawq_v1": ("hawq_v2", "hawq_v1"),
+         "hawq_v2_vs_uniform": ("hawq_v2", "uniform")}
+
+
 def spearman(x, y) -> float:
   rx = np.argsort(np.argsort(x)).astype(float)
   ry = np.argsort(np.argsort(y)).astype(float)
@@ -252,17 +259,15 @@ def main(argv=None):
                    "qat_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
                    "qat": acc, "bits": rec["bits"],
                    "seconds_per_epoch": rs[0]["seconds"] / args.epochs}
-      pairs = {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
-               "b_low_vs_high_omega": ("hawq_v2", "high_omega"),
-               "c_hawq_v2_vs_hawq_v1": ("hawq_v2", "hawq_v1"),
-               "hawq_v2_vs_uniform": ("hawq_v2", "uniform")}
+      pairs = dict(PAIRS)
       if also is not None:
         pairs[f"{primary}_vs_{args.also}"] = ("hawq_v2", f"hawq_v2_{args.also}")
       claims = {}
       for key, (a, b) in pairs.items():
         if a in rows and b in rows:
           same = res["methods"][a]["bits"] == res["methods"][b]["bits"]
-          claims[key] = dict(paired(rows[a]["qat"], rows[b]["qat"]), same_configuration=same)
+          claims[key] = dict(paired(rows[a]["qat"], rows[b]["qat"]), same_configuration=same,
+                             methods=[a, b])
       out["budgets"][budget] = {"rows": rows, "claims": claims}
       print(budget, json.dumps(claims), flush=True)
       save()
@@ -305,12 +310,18 @@ def to_markdown(out: dict) -> str:
       lines.append(f"| {m} | {r['size_mb']:.4f} | {r['avg_bits']:.3f} | "
                    f"{om:.4g} | {100 * r['ptq']:.2f} | "
                    f"{100 * r['qat_mean']:.2f} +- {100 * r['qat_std']:.2f} |")
-    lines += ["", "| comparison | mean diff (pp) | 95% t-interval (pp) | verdict | same bits |",
-              "|---|---:|---|---|---|"]
+    lines += ["", "| comparison | mean diff (pp) | 95% t-interval (pp) | verdict | same bits | "
+              "sizes (MB) |", "|---|---:|---|---|---|---|"]
     for k, c in b["claims"].items():
       ci = "-" if c["ci_pp"] is None else f"[{c['ci_pp'][0]:+.2f}, {c['ci_pp'][1]:+.2f}]"
+      pair = c.get("methods") or PAIRS.get(k) or (
+          ("hawq_v2", f"hawq_v2_{out['also']}") if out.get("also") else ())
+      sizes = [b["rows"][m]["size_mb"] for m in pair if m in b["rows"]]
+      size = " vs ".join(f"{x:.4f}" for x in sizes)
+      if len(sizes) == 2 and abs(sizes[0] - sizes[1]) > 0.01 * max(sizes):
+        size += " (**sizes differ**)"
       lines.append(f"| {k} | {c['mean_pp']:+.2f} | {ci} | {c['verdict']} | "
-                   f"{'yes' if c.get('same_configuration') else 'no'} |")
+                   f"{'yes' if c.get('same_configuration') else 'no'} | {size} |")
   rank = out.get("omega_rank")
   if rank:
     lines += ["", f"Omega vs accuracy at {rank['budget']}, {rank['configs']} configurations "
