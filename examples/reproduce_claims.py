@@ -55,11 +55,9 @@ PAIRS = {"a_trace_vs_weight_norm": ("hawq_v2", "weight_norm"),
 
 
 def spearman(x, y) -> float:
-  rx = np.argsort(np.argsort(x)).astype(float)
-  ry = np.argsort(np.argsort(y)).astype(float)
-  if rx.std() == 0 or ry.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(rx, ry)[0, 1])
+  """Spearman rank correlation; tied values share their mean rank (equal accuracies are
+  common after PTQ at low widths), NaN when either side is constant."""
+  return _stages.spearman(x, y)
 
 
 def bootstrap_ci(x, y, *, n=2000, seed=0) -> tuple[float, float]:
@@ -172,6 +170,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.markdown:
     done = _io.read_json(args.markdown, what="the sweep's results")
+    _rerank(done)
     print(to_markdown(done))
     if done.get("budgets"):
       _plot(done, os.path.splitext(args.markdown)[0] + ".png")
@@ -294,6 +293,20 @@ def main(argv=None):
     _plot(out, os.path.splitext(args.out)[0] + ".png")
   print(to_markdown(out))
   return out
+
+
+def _rerank(out: dict) -> None:
+  """Recomputes the ranking test's correlations from its stored raw measurements."""
+  rank = out.get("omega_rank")
+  if not rank or "raw" not in rank:
+    return
+  raw = rank["raw"]
+  for m, om in raw["omega"].items():
+    rank["ptq"][m] = {"spearman": spearman(om, raw["ptq"]), "ci95": bootstrap_ci(om, raw["ptq"])}
+    k = len(raw.get("qat") or [])
+    if k:
+      rank["qat"][m] = {"spearman": spearman(om[:k], raw["qat"]),
+                        "ci95": bootstrap_ci(om[:k], raw["qat"])}
 
 
 def to_markdown(out: dict) -> str:
