@@ -589,29 +589,37 @@ def main(argv=None):
 
   # ---- sampled GGN / Fisher to rtol
   stop = dict(rtol=rtol, confidence=CONFIDENCE_1SE, min_probes=min_probes)
+
+  def amq_row(loss, warm_seed, seed, max_n, *, per_layer_units, **kw):
+    """One amq-jax layer_traces row: an untimed one-probe call compiles, then the timed run
+    to rtol; returns the estimates and the row (seconds, compile_s, samples statistics)."""
+    common = dict(wrt=wrt, mesh=mesh, progress=False, **kw)
+    t0 = time.perf_counter()
+    hessian.layer_traces(loss, params, jbatches, key=jax.random.key(warm_seed + args.seed),
+                         min_probes=1, max_probes=1, **common)
+    comp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    est = hessian.layer_traces(loss, params, jbatches, key=jax.random.key(args.seed + seed),
+                               max_probes=max_n, max_time=cap, **stop, **common)
+    sec = time.perf_counter() - t0
+    r = _samples_row({p: est[p].samples for p in wrt}, num_params,
+                     {p: est[p].status == "converged" for p in wrt}, rtol=rtol,
+                     min_probes=min_probes, per_layer_units=per_layer_units)
+    r.update(seconds=sec, compile_s=comp)
+    return est, r
   for curv in ("ggn", "fisher"):
     name = f"amq_{curv}"
     if name not in rows:
       continue
-    common = dict(curvature=curv, logits_fn=logits_fn, wrt=wrt, mesh=mesh, progress=False,
-                  probes_per_step=args.vjp_probes_per_step)
-    t0 = time.perf_counter()
-    hessian.layer_traces(None, params, jbatches, key=jax.random.key(10_000 + args.seed),
-                         min_probes=1, max_probes=1, **common)
-    comp = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    est = hessian.layer_traces(None, params, jbatches, key=jax.random.key(args.seed + 1),
-                               max_probes=max_vjps, max_time=cap, **stop, **common)
-    sec = time.perf_counter() - t0
-    r = _samples_row({p: est[p].samples for p in wrt}, num_params,
-                     {p: est[p].status == "converged" for p in wrt}, rtol=rtol,
-                     min_probes=min_probes, per_layer_units=False)
-    r.update(seconds=sec, compile_s=comp, units=max(e.probes for e in est.values()),
+    est, r = amq_row(None, 10_000, 1, max_vjps, per_layer_units=False, curvature=curv,
+                     logits_fn=logits_fn, probes_per_step=args.vjp_probes_per_step)
+    sec = r["seconds"]
+    r.update(units=max(e.probes for e in est.values()),
              unit="VJPs (all layers each)",
              statuses={p: e.status for p, e in est.items()})
     runs[name] = r
     say(f"amq-jax {curv}: {sec:.1f} s, {r['units']} VJPs, {r['layers_converged']}/{len(wrt)} "
-        f"converged (warm-up/compile {comp:.1f} s)")
+        f"converged (warm-up/compile {r['compile_s']:.1f} s)")
     save()
 
   if "backpack_ggn_mc" in rows:
@@ -634,24 +642,14 @@ def main(argv=None):
 
   # ---- Hessian per layer to rtol (capped)
   if "amq_hessian_per_layer" in rows:
-    common = dict(estimator="per_layer", wrt=wrt, mesh=mesh, progress=False,
-                  probes_per_step=args.probes_per_step)
-    t0 = time.perf_counter()
-    hessian.layer_traces(loss_fn, params, jbatches, key=jax.random.key(20_000 + args.seed),
-                         min_probes=1, max_probes=1, **common)
-    comp = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    est = hessian.layer_traces(loss_fn, params, jbatches, key=jax.random.key(args.seed + 3),
-                               max_probes=max_probes, max_time=cap, **stop, **common)
-    sec = time.perf_counter() - t0
-    r = _samples_row({p: est[p].samples for p in wrt}, num_params,
-                     {p: est[p].status == "converged" for p in wrt}, rtol=rtol,
-                     min_probes=min_probes, per_layer_units=True)
-    r.update(seconds=sec, compile_s=comp, units=sum(e.probes for e in est.values()),
+    est, r = amq_row(loss_fn, 20_000, 3, max_probes, per_layer_units=True,
+                     estimator="per_layer", probes_per_step=args.probes_per_step)
+    sec = r["seconds"]
+    r.update(units=sum(e.probes for e in est.values()),
              unit="one-layer HVPs", statuses={p: e.status for p, e in est.items()})
     runs["amq_hessian_per_layer"] = r
     say(f"amq-jax per_layer: {sec:.1f} s, {r['units']} HVPs, {r['layers_converged']}/"
-        f"{len(wrt)} converged (warm-up/compile {comp:.1f} s)")
+        f"{len(wrt)} converged (warm-up/compile {r['compile_s']:.1f} s)")
     save()
 
   if "torch_hessian_per_layer" in rows:
