@@ -47,7 +47,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from amq_jax import _io, _paths, hessian, models, train  # noqa: E402
+from amq_jax import _io, _paths, hessian  # noqa: E402
+from _shipped import shipped_resnet20  # noqa: E402
 
 CONFIDENCE_1SE = 0.6827  # two-sided: t_{0.841, k-1} ~ 1 standard error
 
@@ -133,11 +134,7 @@ def main(argv=None):
     ap.error(f"--num-examples {n} must be a multiple of --batch-size {bs}")
   load_before = os.getloadavg()
 
-  path = train.shipped_checkpoint("resnet20_fmnist")
-  if path is None:
-    ap.error("the shipped ResNet20 checkpoint is missing (amq_jax/assets/resnet20_fmnist.msgpack)")
-  variables = jax.tree.map(jnp.asarray, train.restore_variables(path))
-  model = models.get_model("resnet20", num_classes=10)
+  model, variables = shipped_resnet20(ap)
   params = variables["params"]
   data = _data(n)
   batches = [jax.tree.map(lambda a: a[i:i + bs], data) for i in range(0, n, bs)]

@@ -78,7 +78,8 @@ import torch_reference as tr  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from amq_jax import _io, _paths, hessian, models, train  # noqa: E402
+from amq_jax import _io, _paths, hessian  # noqa: E402
+from _shipped import shipped_resnet20  # noqa: E402
 from amq_jax.data import fashion_mnist  # noqa: E402
 from amq_jax.hessian import _stats  # noqa: E402
 
@@ -401,11 +402,7 @@ def main(argv=None):
   torch.set_num_threads(args.threads)
   load_before = os.getloadavg()
 
-  path = train.shipped_checkpoint("resnet20_fmnist")
-  if path is None:
-    ap.error("the shipped ResNet20 checkpoint is missing (amq_jax/assets/resnet20_fmnist.msgpack)")
-  variables = jax.tree.map(jnp.asarray, train.restore_variables(path))
-  model = models.get_model("resnet20", num_classes=10)
+  model, variables = shipped_resnet20(ap)
   params = variables["params"]
   wrt = _paths.quantizable_paths(params)
   ds = fashion_mnist.load("train", limit=n)
