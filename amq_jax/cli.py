@@ -413,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _precheck(args)
     from amq_jax.config import load_config
     cfg = load_config(args.config, overrides)
+    from amq_jax import _hostdev
+    _hostdev.configure(cfg)  # before the first JAX computation: one CPU device per core
     with _warnings_as_lines(command, strict):
       if as_json:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON object

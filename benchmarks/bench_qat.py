@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amq_jax import models, quant, train
+from amq_jax import adapters, quant, train
 from amq_jax.config import load_config
 from amq_jax.data import fashion_mnist
-from amq_jax.pipeline import qat_apply_fn
+from amq_jax.pipeline import xent_train_loss
 
 
 def _time(step, state, batches, n):
@@ -39,20 +39,24 @@ def main():
   ap.add_argument("--out")
   args = ap.parse_args()
   cfg = load_config(args.config)
-  model = train.build_model(cfg)
+  module = train.build_model(cfg)
   shape = train.input_shape(cfg)
-  variables = train.init_variables(model, shape, seed=0)
-  layers = [p.rsplit("/", 1)[0] for p in models.layer_order(model, variables, jnp.zeros((1,) + shape))]
+  variables = train.init_variables(module, shape, seed=0)
+  model = adapters.from_linen(module, variables, jnp.zeros((1,) + shape))
   widths = [2, 3, 4, 8]
-  bits = quant.BitConfig({l: {"w": widths[i % 4], "a": 8} for i, l in enumerate(layers)})
+  bits = quant.BitConfig({l: {"w": widths[i % 4], "a": 8}
+                          for i, l in enumerate(model.layers.names)})
   ds = fashion_mnist.load("train", limit=cfg.train.batch_size * 4)
-  ranges = quant.calibrate(model, variables, [ds.images[:256]], bits)
+  ranges = quant.calibrate_model(model, [{"image": ds.images[:256]}], bits)
   mesh = train.data_mesh()
   batches = [train.shard_batch(b, mesh) for b in fashion_mnist.batches(ds, cfg.train.batch_size)]
   tx = train.make_optimizer(cfg, 1000)
-  steps = {"fp32": train.make_train_step(train.linen_apply_fn(model), tx),
-           "qat": train.make_train_step(qat_apply_fn(model, bits, ranges), tx)}
-  states = {k: train.replicate(train.create_state(variables, tx), mesh) for k in steps}
+  fp32 = lambda p, s, x, *, train=False: model.apply(p, s, x, train=train)  # noqa: E731
+  qat = quant.quantize_model(model, bits, act_ranges=ranges)
+  steps = {"fp32": train.make_step(xent_train_loss(fp32), tx),
+           "qat": train.make_step(xent_train_loss(qat), tx)}
+  states = {k: train.replicate(train.init_state(model.params, model.state, tx), mesh)
+            for k in steps}
   for k in steps:  # compile
     _, states[k] = _time(steps[k], states[k], batches, 2)
   per = {k: [] for k in steps}

@@ -7,6 +7,9 @@ import jax  # noqa: E402
 
 # Must run before any backend is initialized.
 jax.config.update("jax_num_cpu_devices", 8)
+# Start the backend now, so that the command line's one-device-per-core setting
+# (amq_jax/_hostdev.py), called by in-process CLI tests, finds it started and leaves the 8.
+assert len(jax.devices()) == 8
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

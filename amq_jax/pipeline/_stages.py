@@ -85,7 +85,7 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   return {"curvature": curvature, "estimator": estimator,
           "rtol": hc.rtol, "confidence": hc.get("confidence"),
           "num_examples": len(batches) * hc.batch_size, "seconds": time.time() - t0,
-          "layers": out_layers}
+          "devices": jax.device_count(), "layers": out_layers}
 
 
 EXACT_GGN_MAX_BYTES = 1 << 30
