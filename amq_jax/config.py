@@ -208,7 +208,7 @@ SCHEMA: dict[str, Rule] = {
     "progress": _bool(),
     "host_devices": Rule(lambda v: v == "auto" or (_is_int(v) and v >= 1) or (
         isinstance(v, str) and v.strip().isdigit() and int(v) >= 1),
-        "'auto' or an integer >= 1 (CPU devices to split batches over)", "'auto'"),
+        "'auto' or an integer >= 1 (CPU devices to split batches over)", "auto"),
     "baselines": _choice("default", "all"),
     "num_random": _int(0, example="3"),
     "image_size": _int(1, example="224"),

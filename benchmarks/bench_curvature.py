@@ -29,6 +29,10 @@ Usage::
 
     python benchmarks/bench_curvature.py --out bench_curvature.json           # full
     python benchmarks/bench_curvature.py --quick --out /tmp/bench_curvature.json
+    python benchmarks/bench_curvature.py --methods per_layer,hutchpp --layers 0,1,-2,-1
+
+``--layers`` restricts every method to some kernels (Hutch++ vs per_layer on a few layers
+finishes where all 22 do not).
 
 ``--quick`` (32 images, 30 s cap per method, rtol 0.2) only checks that everything runs.
 """
@@ -59,10 +63,13 @@ def _data(n):
   return {"image": jnp.asarray(ds.images), "label": jnp.asarray(ds.labels, jnp.int32)}
 
 
-def _grad_seconds(loss_fn, params, batches, wrt, reps):
-  """Median wall time of one full gradient over ``wrt`` summed over ``batches``."""
+def _grad_seconds(loss_fn, params, batches, wrt, reps, mesh):
+  """Median wall time of one full gradient over ``wrt`` summed over ``batches``, each batch
+  sharded over ``mesh`` as the estimators shard it (same devices, same unit)."""
   grad = jax.jit(lambda w, p, b: jax.grad(lambda w_: loss_fn(_paths.merge(p, w_), b))(w))
-  w = _paths.select(params, wrt)
+  w = hessian._sharding.replicate(_paths.select(params, wrt), mesh)
+  params = hessian._sharding.replicate(params, mesh)
+  batches = [hessian.shard_batch(b, mesh) for b in batches]
   jax.block_until_ready([grad(w, params, b) for b in batches])  # compile
   ts = []
   for _ in range(reps):
@@ -88,8 +95,8 @@ def _rse(e):
   return float(e.stderr / abs(e.trace)) if e.trace else float("inf")
 
 
-def _projection(method, est, rtol, sketch):
-  """Units each method would need for every layer to reach rtol (sample variances)."""
+def _need(est, rtol):
+  """Probes each layer would need to reach rtol, from its sample variance (>= 10)."""
   need = {}
   for p, e in est.items():
     s = np.asarray(e.samples)
@@ -97,11 +104,30 @@ def _projection(method, est, rtol, sketch):
       need[p] = max(s.size, 10)
       continue
     need[p] = max(10, int(np.ceil((s.std(ddof=1) / (rtol * max(abs(s.mean()), 1e-30))) ** 2)))
+  return need
+
+
+def _projection(method, est, rtol, sketch):
+  """Units each method would need for every layer to reach rtol (sample variances)."""
+  need = _need(est, rtol)
   if method == "per_layer":
     return sum(need.values())
   if method == "hutchpp":
     return sum(need[p] + (2 * sketch if e.num_params > sketch else 0) for p, e in est.items())
   return max(need.values())
+
+
+def _pick_layers(paths, spec, ap):
+  if not spec:
+    return paths
+  out = []
+  for tok in (t.strip() for t in spec.split(",") if t.strip()):
+    hits = ([paths[int(tok)]] if tok.lstrip("-").isdigit() and -len(paths) <= int(tok) < len(paths)
+            else [p for p in paths if tok in p])
+    if not hits:
+      ap.error(f"--layers: {tok!r} matches none of {paths}")
+    out += [p for p in hits if p not in out]
+  return [p for p in paths if p in out]
 
 
 def _spearman(a, b):
@@ -124,6 +150,9 @@ def main(argv=None):
   ap.add_argument("--vjp-probes-per-step", type=int, default=4,
                   help="GGN/Fisher probes per jitted step (one forward pass serves them)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--layers", default="",
+                  help="only these layers: comma-separated indices into the 22 kernels "
+                       "(execution order) or substrings of their paths (default all)")
   args = ap.parse_args(argv)
   quick = args.quick
   n = args.num_examples or (32 if quick else 256)
@@ -140,13 +169,13 @@ def main(argv=None):
   batches = [jax.tree.map(lambda a: a[i:i + bs], data) for i in range(0, n, bs)]
   loss_fn = hessian.linen_loss_fn(model, variables)
   logits_fn = hessian.linen_logits_fn(model, variables)
-  wrt = _paths.quantizable_paths(params)
+  wrt = _pick_layers(_paths.quantizable_paths(params), args.layers, ap)
   mesh = hessian.default_mesh()
 
-  t_grad, grad_runs = _grad_seconds(loss_fn, params, batches, wrt, 3 if quick else 7)
+  t_grad, grad_runs = _grad_seconds(loss_fn, params, batches, wrt, 3 if quick else 7, mesh)
   print(f"[bench] one full gradient over {n} images: {t_grad:.3f} s (median)", flush=True)
   result = {"model": "resnet20", "weights": "shipped", "num_examples": n, "batch_size": bs,
-            "layers": len(wrt), "rtol": rtol, "confidence": CONFIDENCE_1SE,
+            "layers": len(wrt), "layer_paths": wrt, "rtol": rtol, "confidence": CONFIDENCE_1SE,
             "time_cap_s": cap, "quick": quick, "sketch_size": args.sketch_size,
             "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -185,6 +214,7 @@ def main(argv=None):
         "projected_seconds_to_rtol": (None if need is None else
                                       float(need * dt / max(units, 1))),
         "max_rse": max(_rse(e) for e in est.values()),
+        "projected_probes_per_layer": None if method == "ggn_exact" else _need(est, rtol),
         "traces": {p: e.trace for p, e in est.items()},
         "estimates": hessian.estimates_to_json(est)}
     print(f"[bench] {method}: {dt:.1f} s = {dt / t_grad:.0f} gradient-equivalents, {units} "
@@ -193,7 +223,7 @@ def main(argv=None):
   result["methods"] = runs
 
   ref = runs.get("per_layer") or runs.get("hutchpp")
-  if ref is not None:
+  if ref is not None and len(wrt) > 2:
     base = [ref["traces"][p] for p in wrt]
     result["spearman_vs_hessian"] = {
         m: _spearman(base, [r["traces"][p] for p in wrt]) for m, r in runs.items()
@@ -219,6 +249,17 @@ def main(argv=None):
                  f"{r['unit']} | {r['layers_at_rtol']}/{len(wrt)} | "
                  f"{'' if r['projected_units_to_rtol'] is None else r['projected_units_to_rtol']}"
                  f" | {'' if sp is None else f'{sp:.3f}'} |")
+  if "per_layer" in runs and "hutchpp" in runs:  # layer by layer: does the sketch pay?
+    k = args.sketch_size
+    lines += ["", f"Per layer, one-layer HVPs to rse <= {rtol} (projected from sample variances; "
+              f"Hutch++ adds 2 x {k} sketch HVPs a layer larger than {k}):", "",
+              "| layer | params | Hutchinson | Hutch++ (probes + sketch) |", "|---|---:|---:|---:|"]
+    a, b = runs["per_layer"], runs["hutchpp"]
+    for p in wrt:
+      n_p = b["estimates"][p]["num_params"]
+      extra = 2 * k if n_p > k else 0
+      lines.append(f"| {p} | {n_p} | {a['projected_probes_per_layer'][p]} | "
+                   f"{b['projected_probes_per_layer'][p] + extra} |")
   table = "\n".join(lines)
   print(table)
   result["table_md"] = table

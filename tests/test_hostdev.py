@@ -40,6 +40,12 @@ def test_auto_is_one_per_core_fitting_every_unpadded_batch():
   assert _hostdev.choose(_cfg(host_devices="4"), cores=2) == 4  # as --config.host_devices=4
 
 
+def test_shipped_configs_keep_one_device_and_take_auto_or_a_count():
+  assert _hostdev.choose(load_config(CONFIG)) == 1
+  assert _hostdev.choose(load_config(CONFIG, ["host_devices=auto"]), cores=2) == 2
+  assert _hostdev.choose(load_config(CONFIG, ["host_devices=3"]), cores=2) == 3
+
+
 @pytest.mark.parametrize("bad", [0, -1, "many", 2.5, True])
 def test_bad_host_devices_is_a_config_error(bad, tmp_path):
   with pytest.raises(ConfigError, match="host_devices"):
@@ -84,4 +90,4 @@ def test_the_command_line_configures_before_any_work(monkeypatch, tmp_path):
   monkeypatch.setattr(cli, "_dispatch", lambda args, cfg: {"ok": True})
   assert cli.main(["report", "--config", CONFIG, "--workdir", str(tmp_path / "wd"),
                    "--config.host_devices=2"]) == 0
-  assert seen == ["2"]
+  assert seen == [2]
