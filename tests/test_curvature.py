@@ -233,7 +233,7 @@ def test_per_layer_restricted_equals_the_full_hvp_path():
   params = variables["params"]
   loss_fn = hessian.linen_loss_fn(model, variables)
   new = hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(4), min_probes=5,
-                             max_probes=5, probes_per_step=5, **Q)
+                             max_probes=5, probes_per_step=5, estimator="per_layer", **Q)
   pb = _hvp.Problem(loss_fn, params, batch, wrt=None, mesh=MESH)
   step = _trace._make_step(pb, 5)
   L = len(pb.wrt)
@@ -281,8 +281,9 @@ def test_statuses_negative_near_zero_max_probes_and_json():
   k = jnp.ones((3, 2))
   params = {n: {"kernel": k} for n in ("pos", "neg", "zero", "noisy")}
   batch = {"x": jax.random.normal(jax.random.key(0), (8, 3))}
+  # Plain Hutchinson: Hutch++'s sketch of 8 would span these 6-entry blocks (exact).
   est = hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(0), rtol=1e-4,
-                             min_probes=10, max_probes=30, **Q)
+                             min_probes=10, max_probes=30, estimator="per_layer", **Q)
   assert est["pos/kernel"].status == "converged" and est["pos/kernel"].probes == 10
   assert est["neg/kernel"].status == "negative" and est["neg/kernel"].trace < 0
   assert est["zero/kernel"].status == "near_zero" and est["zero/kernel"].probes == 10
@@ -356,7 +357,7 @@ def test_progress_bars_on_by_default(capsys):
   hessian.layer_traces(loss_fn, variables["params"], batch, min_probes=2, max_probes=2, **kw)
   hessian.top_eigenvalues(loss_fn, variables["params"], batch, layer="head/kernel", **kw)
   err = capsys.readouterr().err
-  assert "hessian traces (per_layer)" in err and "top-1 eigenvalues" in err
+  assert f"hessian traces ({hessian.DEFAULT_ESTIMATOR})" in err and "top-1 eigenvalues" in err
   hessian.layer_traces(loss_fn, variables["params"], batch, min_probes=2, max_probes=2,
                        progress=False, **kw)
   hessian.top_eigenvalues(loss_fn, variables["params"], batch, layer="head/kernel",

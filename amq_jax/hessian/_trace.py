@@ -57,15 +57,16 @@ __all__ = ["TraceEstimate", "layer_traces", "estimates_to_json", "estimates_from
 ESTIMATORS = ("joint", "per_layer", "adaptive", "hutchpp")
 CURVATURES = ("hessian", "ggn", "fisher")
 STATUSES = _stats.STATUSES
-# Chosen from benchmarks/bench_hessian.py --quick (ResNet20, Fashion-MNIST batch 128,
-# 2 shared CPU cores, 22 layers): to bring EVERY layer to 5% relative stderr, the
-# projected cost (from per-probe sample variances) was about 1,800 HVPs for 'per_layer'
-# vs about 10,200 for 'joint' and 8,200 for 'adaptive'. Off-diagonal blocks dominate the
-# joint probe's variance, so one HVP per layer per probe is ~5x cheaper overall, and the
-# per-layer HVP is now restricted to the layer (a fraction of a full HVP).
-# benchmarks/bench_curvature.py compares it with 'hutchpp' and the GGN/Fisher probes.
-DEFAULT_ESTIMATOR = "per_layer"
-DEFAULT_SKETCH = 10
+# Chosen by benchmark (benchmarks/RESULTS.md; shipped ResNet20, 256 Fashion-MNIST images,
+# 22 layers, every layer to 5% relative standard error at one standard error): 'hutchpp'
+# with a sketch of 8 brought all 22 layers there with 572 one-layer HVPs (10 probes + 16
+# sketch HVPs a layer: the minimum of 10 probes was what bound) in 395 s on one CPU device,
+# where 'per_layer' needs ~1,800 (projected from its sample variances; ~1,000 s), 'joint'
+# ~10,200 and 'adaptive' ~8,200 (bench_hessian.py --quick: off-diagonal blocks dominate the
+# joint probe's variance). Layer by layer (bench_curvature.py --layers) Hutchinson needed
+# 86-222 one-layer HVPs where Hutch++ needed 26.
+DEFAULT_ESTIMATOR = "hutchpp"
+DEFAULT_SKETCH = 8
 # fold_in index of the Hutch++ sketch of a layer (probe indices count up from 0).
 _SKETCH_STREAM = 0x7FFFFFFF
 
@@ -370,15 +371,17 @@ class _BlockSampler(_Sampler):
       hv = _block_hv(pb, i)
 
       def apply(V):
+        """``H V`` row by row, and per batch whether all its products were finite."""
         rows, fins = [], []
         for c in range(V.shape[0]):
-          acc = None
+          acc, fin_c = None, []
           for batch, weight in zip(pb.batches, pb.weights):
             out, fin = hv(pb.params, pb.w[path], batch, weight, V[c])
             acc = out if acc is None else acc + out
-            fins.append(fin)
+            fin_c.append(fin)
           rows.append(acc)
-        return jnp.stack(rows), jnp.all(jnp.stack(fins))
+          fins.append(jnp.stack(fin_c))
+        return jnp.stack(rows), jnp.all(jnp.stack(fins), axis=0)  # [batches]
 
       S = pb.replicate(_sketch_shapes(self.key, i, r, pb.shapes[path], pb.dtypes[path]))
       HS, f1 = apply(S)
@@ -389,9 +392,14 @@ class _BlockSampler(_Sampler):
       self.cost += 2 * r
     fetched = _sharding.to_host(pending)
     for i, (t0, f1, f2) in fetched.items():
-      fins = np.zeros((len(pb.batches), len(pb.wrt)), bool)
-      fins[:, i] = np.asarray(f1) & np.asarray(f2)
-      _nonfinite(pb, fins, [0.0] * len(pb.batches), [i])
+      fins = np.ones((len(pb.batches), len(pb.wrt)), bool)
+      # A non-finite H S spreads to every batch through Q: name the batches of H S first.
+      f1, f2 = np.asarray(f1, bool), np.asarray(f2, bool)
+      fins[:, i] = f1 if not f1.all() else f2
+      if not fins[:, i].all():  # the error path only: name the batches with a bad loss too
+        loss = jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b))
+        losses = [float(_sharding.to_host(loss(pb.params, pb.w, b))) for b in pb.batches]
+        _nonfinite(pb, fins, losses, [i])
       self.t0[i] = float(t0)
 
   def round(self, active, count):
@@ -475,7 +483,7 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       given, it is checked once to equal ``output_loss`` on ``logits_fn`` (first batch).
     key: PRNG key; the result is a deterministic function of it (for any device count,
       up to float32 rounding of the batch sums).
-    estimator: for ``curvature='hessian'``: ``'per_layer'`` (default), ``'hutchpp'``,
+    estimator: for ``curvature='hessian'``: ``'hutchpp'`` (default), ``'per_layer'``,
       ``'joint'`` or ``'adaptive'`` (module docs). Not used by 'ggn'/'fisher', whose only
       estimator is the output-space probe.
     curvature: ``'hessian'`` (default; the paper's method), ``'ggn'`` (generalized
