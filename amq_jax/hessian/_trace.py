@@ -57,15 +57,15 @@ __all__ = ["TraceEstimate", "layer_traces", "estimates_to_json", "estimates_from
 ESTIMATORS = ("joint", "per_layer", "adaptive", "hutchpp")
 CURVATURES = ("hessian", "ggn", "fisher")
 STATUSES = _stats.STATUSES
-# Chosen by benchmark (benchmarks/RESULTS.md; shipped ResNet20, 256 Fashion-MNIST images,
-# 22 layers, every layer to 5% relative standard error at one standard error): 'hutchpp'
-# with a sketch of 8 brought all 22 layers there with 572 one-layer HVPs (10 probes + 16
-# sketch HVPs a layer: the minimum of 10 probes was what bound) in 395 s on one CPU device,
-# where 'per_layer' needs ~1,800 (projected from its sample variances; ~1,000 s), 'joint'
-# ~10,200 and 'adaptive' ~8,200 (bench_hessian.py --quick: off-diagonal blocks dominate the
-# joint probe's variance). Layer by layer (bench_curvature.py --layers) Hutchinson needed
-# 86-222 one-layer HVPs where Hutch++ needed 26.
-DEFAULT_ESTIMATOR = "hutchpp"
+# Measured (benchmarks/RESULTS.md; shipped ResNet20, 256 Fashion-MNIST images, 22 layers,
+# every layer to 5% relative standard error at one standard error): 'hutchpp' with a
+# sketch of 8 got all 22 layers there with 572 one-layer HVPs (395 s on one CPU device),
+# where 'per_layer' needs ~1,800 (projected; ~1,000 s), 'joint' ~10,200 and 'adaptive'
+# ~8,200. Hutch++ is NOT the default yet: on several (simulated) CPU devices its sketch
+# phase, which dispatches many small programs with an all-reduce each, was aborted twice by
+# XLA:CPU in an all-reduce rendezvous (a 2-device benchmark, and the 8-device test suite).
+# Until that is understood the default stays 'per_layer'; pass estimator='hutchpp'.
+DEFAULT_ESTIMATOR = "per_layer"
 DEFAULT_SKETCH = 8
 # fold_in index of the Hutch++ sketch of a layer (probe indices count up from 0).
 _SKETCH_STREAM = 0x7FFFFFFF
@@ -379,7 +379,7 @@ class _BlockSampler(_Sampler):
             out, fin = hv(pb.params, pb.w[path], batch, weight, V[c])
             acc = out if acc is None else acc + out
             fin_c.append(fin)
-          rows.append(acc)
+          rows.append(jax.block_until_ready(acc))  # few programs in flight (see above)
           fins.append(jnp.stack(fin_c))
         return jnp.stack(rows), jnp.all(jnp.stack(fins), axis=0)  # [batches]
 
@@ -483,8 +483,8 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       given, it is checked once to equal ``output_loss`` on ``logits_fn`` (first batch).
     key: PRNG key; the result is a deterministic function of it (for any device count,
       up to float32 rounding of the batch sums).
-    estimator: for ``curvature='hessian'``: ``'hutchpp'`` (default), ``'per_layer'``,
-      ``'joint'`` or ``'adaptive'`` (module docs). Not used by 'ggn'/'fisher', whose only
+    estimator: for ``curvature='hessian'``: ``'per_layer'`` (default), ``'hutchpp'`` (3x
+      fewer HVPs on ResNet20; see ``DEFAULT_ESTIMATOR``), ``'joint'`` or ``'adaptive'``. Not used by 'ggn'/'fisher', whose only
       estimator is the output-space probe.
     curvature: ``'hessian'`` (default; the paper's method), ``'ggn'`` (generalized
       Gauss-Newton ``J^T H_out J``) or ``'fisher'`` (Monte-Carlo Fisher): see
