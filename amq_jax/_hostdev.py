@@ -48,20 +48,11 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _leaves(node, prefix=""):
-  for k in node.keys() if hasattr(node, "keys") else ():
-    v = node[k]
-    path = f"{prefix}{k}"
-    if hasattr(v, "keys"):
-      yield from _leaves(v, path + ".")
-    else:
-      yield path, v
-
-
 def sharded_sizes(cfg) -> list[int]:
   """The batch sizes of ``cfg`` that the pipeline splits over the devices unpadded: every
   ``*batch_size`` field but the evaluation ones (evaluation pads a batch to a multiple of
   the device count) and ``hessian.act_examples`` (activation traces shard them)."""
+  from amq_jax.config import _leaves  # the config's one walker over dotted field paths
   out = []
   for path, v in _leaves(cfg):
     wanted = ((path.endswith("batch_size") and not path.endswith("eval_batch_size"))
