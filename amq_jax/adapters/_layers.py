@@ -57,6 +57,14 @@ class Layer(NamedTuple):
     element count (the activation-memory cost unit).
   input_id: layers with equal ids read the same tensor. calls: times the layer runs.
   out_shape: the output's shape per example (first call).
+  op: the operation's geometry as plain data, what a per-example weight gradient needs:
+    ``('conv', filter_shape, strides, padding, lhs_dilation, rhs_dilation, lhs_spec,
+    rhs_spec, out_spec, feature_groups, batch_groups, perm)`` (spatial sizes of the filter,
+    then ``lax.conv_general_dilated``'s arguments, specs as in its ``ConvDimensionNumbers``)
+    or ``('dense', weight_operand, x_contract, x_batch, w_contract, perm)``
+    (``lax.dot_general``: which operand is the weight, 0 or 1, the activation's contracting
+    and batch axes, the weight's contracting axes); ``perm``: the operand is
+    ``transpose(weight, perm)``; ``()`` if unknown.
   """
   name: str
   param: str
@@ -71,6 +79,7 @@ class Layer(NamedTuple):
   input_id: int
   calls: int = 1
   out_shape: tuple = ()
+  op: tuple = ()
 
   @property
   def channels(self) -> int:
@@ -147,8 +156,14 @@ class Layers(Mapping):
   @classmethod
   def from_json(cls, rows: Sequence[Mapping]) -> "Layers":
     return cls([Layer(**dict(r, shape=tuple(r["shape"]), in_shape=tuple(r["in_shape"]),
-                             out_shape=tuple(r.get("out_shape", ()))))
+                             out_shape=tuple(r.get("out_shape", ())),
+                             op=_tuples(r.get("op", ()))))
                 for r in rows])
+
+
+def _tuples(x):
+  """JSON lists back to the nested tuples of :attr:`Layer.op`."""
+  return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _paths_norm(name: str, known: Mapping[str, Any]) -> str:
@@ -255,6 +270,16 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
       macs = int(np.prod(out_shape)) // n * K // int(w_aval.shape[used_axis])
     in_shape = tuple(s for i, s in enumerate(x_shape) if i != lhs_spec[0])
     out_ex = tuple(s for i, s in enumerate(out_shape) if i != out_spec[0])
+    ep = eqn.params
+    nsp = len(lhs_spec) - 2
+    op = ("conv", tuple(int(w_aval.shape[i]) for i in rhs_spec[2:]),
+          tuple(int(v) for v in ep["window_strides"]),
+          tuple((int(a), int(b)) for a, b in ep["padding"]),
+          tuple(int(v) for v in (ep.get("lhs_dilation") or (1,) * nsp)),
+          tuple(int(v) for v in (ep.get("rhs_dilation") or (1,) * nsp)),
+          tuple(int(v) for v in lhs_spec), tuple(int(v) for v in rhs_spec),
+          tuple(int(v) for v in out_spec), int(ep.get("feature_group_count", 1)),
+          int(ep.get("batch_group_count", 1)), tuple(int(a) for a in amap))
   else:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_contract, w_batch = (rc, rb) if k == 1 else (lc, lb)
@@ -272,6 +297,8 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
     macs = int(np.prod(out_shape)) * csize // max(n, 1)
     in_shape = tuple(x_shape[1:]) if x_shape and x_shape[0] == n else tuple(x_shape)
     out_ex = tuple(out_shape[1:]) if out_shape and out_shape[0] == n else tuple(out_shape)
+    op = ("dense", int(k), tuple(int(v) for v in x_contract), tuple(int(v) for v in x_batch),
+          tuple(int(v) for v in w_contract), tuple(int(a) for a in amap))
   axis = int(amap[used_axis])
   if path in rec.info:
     r = rec.info[path]
@@ -280,7 +307,7 @@ def _record(eqn, k: int, owner, x, input_id: int, rec: _Rec, batch: int):
     return
   rec.order.append(path)
   rec.info[path] = dict(kind=kind, axis=axis, shape=tuple(w_aval.shape), macs=macs,
-                        in_shape=in_shape, input_id=input_id, calls=1, out_shape=out_ex)
+                        in_shape=in_shape, input_id=input_id, calls=1, out_shape=out_ex, op=op)
 
 
 def trace_layers(apply: Callable[[Any, Any], Any], params: Any, sample: Any, *,
@@ -330,7 +357,7 @@ def trace_layers(apply: Callable[[Any, Any], Any], params: Any, sample: Any, *,
                      channel_axis=r["axis"] % len(shape), shape=shape,
                      params=int(math.prod(shape)), macs=int(r["macs"]), in_shape=in_shape,
                      in_size=int(math.prod(in_shape)), input_id=r["input_id"],
-                     calls=r["calls"], out_shape=r["out_shape"]))
+                     calls=r["calls"], out_shape=r["out_shape"], op=r["op"]))
   layers = Layers(out)
   if include is not None:
     layers = layers.select(include)

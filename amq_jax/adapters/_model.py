@@ -8,8 +8,9 @@ search, fake-quantized apply, QAT, export) read nothing else.
 ``state`` holds the non-trainable collections (Linen ``batch_stats``, NNX ``BatchStat``),
 ``{}`` when there are none; ``new_state`` has the same structure (unchanged in inference).
 ``act_apply`` is the same function with a hook on every quantizable layer's input,
-``hook(layer_name, x) -> x``; frameworks without a way to intercept layer calls leave it
-None, and activation quantization then says so.
+``hook(layer_name, x) -> x``, and optionally one on its output, ``out_hook(layer_name, y) ->
+y`` (the exact GGN taps both: :func:`amq_jax.hessian.exact_ggn_traces`); frameworks without
+a way to intercept layer calls leave it None, and activation quantization then says so.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class Model:
   framework: 'linen', 'nnx', 'equinox' or 'apply'. params: the trainable pytree.
   state: non-trainable pytree ({} if none). layers: :class:`Layers` in execution order.
   apply: ``apply(params, state, x, *, train) -> (out, new_state)``.
-  act_apply: ``act_apply(params, state, x, hook, *, train) -> (out, new_state)`` or None.
+  act_apply: ``act_apply(params, state, x, hook, *, train, out_hook=None) -> (out,
+    new_state)`` or None.
   rebuild: ``rebuild(params, state)`` -> the user's own object (Linen variables, an NNX
     module, an Equinox module), for handing results back.
   """
@@ -109,7 +111,7 @@ def from_linen(module, variables, sample, *, train_kwarg: bool | None = None,
   def apply(params, state, x, *, train=False):
     return call(params, state, x, train)
 
-  def act_apply(params, state, x, hook: Hook, *, train=False):
+  def act_apply(params, state, x, hook: Hook, *, train=False, out_hook: Hook | None = None):
     names = set(layers.names)
 
     def interceptor(next_fun, args, kwargs, context):
@@ -117,6 +119,8 @@ def from_linen(module, variables, sample, *, train_kwarg: bool | None = None,
         path = "/".join(context.module.path)
         if path in names:
           args = (hook(path, args[0]),) + tuple(args[1:])
+          out = next_fun(*args, **kwargs)
+          return out if out_hook is None else out_hook(path, out)
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):

@@ -33,13 +33,14 @@ __all__ = ["from_nnx"]
 
 
 class _Hooked:
-  """Stands in for a layer module during one call: ``layer(hook(name, x), ...)``."""
+  """Stands in for a layer module during one call: ``out_hook(name, layer(hook(name, x)))``."""
 
-  def __init__(self, inner, name: str, hook: Hook):
-    self.inner, self.name, self.hook = inner, name, hook
+  def __init__(self, inner, name: str, hook: Hook, out_hook: Hook | None = None):
+    self.inner, self.name, self.hook, self.out_hook = inner, name, hook, out_hook
 
   def __call__(self, x, *args, **kwargs):
-    return self.inner(self.hook(self.name, x), *args, **kwargs)
+    y = self.inner(self.hook(self.name, x), *args, **kwargs)
+    return y if self.out_hook is None else self.out_hook(self.name, y)
 
 
 def _set_child(parent, key, value) -> None:
@@ -61,7 +62,7 @@ def from_nnx(module, sample, *, names: Mapping[str, str] | Callable[[str], str] 
   Returns:
     A :class:`Model` whose ``params`` / ``state`` are nested dicts (``nnx.to_pure_dict``),
     ``apply(params, state, x, *, train=False) -> (out, new_state)``, ``act_apply`` with a
-    hook on each quantizable layer's input, and ``rebuild(params, state) -> nnx.Module``.
+    hook on each quantizable layer's input (and optionally its output), and ``rebuild(params, state) -> nnx.Module``.
 
   >>> m = adapters.from_nnx(nnx_cnn, images[:2])
   >>> logits, _ = m.apply(m.params, m.state, images)
@@ -88,11 +89,11 @@ def from_nnx(module, sample, *, names: Mapping[str, str] | Callable[[str], str] 
     m = merged(params, state, train)
     return finish(m, m(x))
 
-  def act_apply(params, state, x, hook: Hook, *, train=False):
+  def act_apply(params, state, x, hook: Hook, *, train=False, out_hook: Hook | None = None):
     m = merged(params, state, train)
     nodes = {"/".join(str(k) for k in path): (path, node)
              for path, node in nnx.graph.iter_graph(m) if isinstance(node, nnx.Module)}
-    swapped = []
+    swapped, whole = [], None
     try:
       for layer in layers.values():
         owner = layer.param.rpartition("/")[0]
@@ -102,11 +103,14 @@ def from_nnx(module, sample, *, names: Mapping[str, str] | Callable[[str], str] 
         path, node = nodes[owner]
         if not path:  # the module itself is the layer
           x = hook(layer.name, x)
+          whole = layer.name
           continue
         parent = nodes["/".join(str(k) for k in path[:-1])][1]
-        _set_child(parent, path[-1], _Hooked(node, layer.name, hook))
+        _set_child(parent, path[-1], _Hooked(node, layer.name, hook, out_hook))
         swapped.append((parent, path[-1], node))
       out = m(x)
+      if whole is not None and out_hook is not None:
+        out = out_hook(whole, out)
     finally:
       for parent, key, node in reversed(swapped):
         _set_child(parent, key, node)

@@ -45,13 +45,20 @@ constant) is ``G`` and its sampled residual is ``sqrt(2/C) eps``, eps standard n
 GGN probe with Gaussian ``u``.
 
 **Exact** (:func:`exact_ggn_traces`): ``Tr(G_l) = (1/N) sum_n sum_c ||J_{n,l}^T S_n e_c||^2``,
-``C`` backward passes of per-example gradients (one per column of ``S_n``), their squared
-norms summed per layer (as BackPACK's exact diagonal GGN does). The ground truth for tests
-and small models.
+one backward pass of per-example gradients per column of ``S_n``, their squared norms summed
+per layer (as BackPACK's exact diagonal GGN does). For softmax cross-entropy ``C - 1``
+columns suffice: ``S_n sqrt(p_n) = 0`` (``H_n`` has the null vector ``1``), so with the
+Householder reflection ``Q_n`` that maps ``e_m`` to ``-sqrt(p_n)`` (``m`` the most likely
+class), ``S_n Q_n`` is another factor (``S Q Q^T S^T = S S^T``) whose column ``m`` is zero.
+Given a model with layer hooks (``model=``), each per-example gradient is a matrix product
+of the layer's input patches and its output gradient (:mod:`amq_jax.hessian._pex`);
+otherwise ``vmap`` over examples of the backward pass. The ground truth for tests, and the
+cheapest GGN trace for classifiers with few classes.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -61,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 from amq_jax import _paths
 from amq_jax.errors import ConfigError, NonFiniteError
-from amq_jax.hessian import _progress, _sharding, _stats
+from amq_jax.hessian import _pex, _progress, _sharding, _stats
 from amq_jax.hessian._hvp import Problem, cached_jit
 from amq_jax.hessian._trace import TraceEstimate, _map_probes, _Sampler
 
@@ -99,6 +106,20 @@ def _factor_matrix(logits, output_loss: str):
   p = jax.nn.softmax(logits)
   sp = jnp.sqrt(p)
   return jnp.diag(sp) - p[:, None] * sp[None, :]
+
+
+def _factor_columns(logits, output_loss: str):
+  """The columns one exact pass needs: ``S`` (``[C, C]``) for 'mse', ``S Q`` without its
+  zero column (``[C, C - 1]``) for 'xent' (module docstring)."""
+  S = _factor_matrix(logits, output_loss)
+  if output_loss == "mse":
+    return S
+  C = S.shape[0]
+  sp = jnp.sqrt(jax.nn.softmax(logits))
+  m = jnp.argmax(sp)
+  v = sp + jax.nn.one_hot(m, C, dtype=sp.dtype)  # |v|^2 = 2 + 2 sqrt(p_m) >= 2: stable
+  SQ = S - (2.0 / jnp.dot(v, v)) * jnp.outer(S @ v, v)
+  return SQ[:, (m + 1 + jnp.arange(C - 1)) % C]
 
 
 def _cotangent(curvature: str, output_loss: str, logits, key):
@@ -209,20 +230,175 @@ def sampler(loss_fn, logits_fn: LogitsFn | None, params, batches, *, key, wrt, c
   return pb, _OutputSampler(pb, pb.replicate(key), curvature, output_loss, probes_per_step)
 
 
+def _vmap_runner(pb: Problem, output_loss: str):
+  """``local(params, w, state, batch, check) -> ([L] sums, [L] zeros)``: per-example backward
+  passes (vmap over examples)."""
+  logits_fn, wrt_ = pb.loss_fn, list(pb.wrt)
+
+  def per_example(params, w, ex):
+    exb = jax.tree_util.tree_map(lambda a: a[None], ex)
+    logits, vjp = jax.vjp(lambda w_: logits_fn(_paths.merge(params, w_), exb)[0], w)
+    S = _factor_columns(logits.astype(jnp.float32), output_loss).astype(logits.dtype)
+
+    def col(c):
+      (g,) = vjp(S[:, c])
+      return jnp.stack([jnp.sum(jnp.square(g[q].astype(jnp.float32))) for q in wrt_])
+
+    return jnp.sum(_map_probes(col, S.shape[1]), axis=0)
+
+  def local(params, w, state, batch, check):
+    del state, check
+    vals = jax.vmap(per_example, in_axes=(None, None, 0))(params, w, batch)  # [n, L]
+    return jnp.sum(vals, axis=0), jnp.zeros(len(wrt_), jnp.float32)
+  return local
+
+
+def _tapped_runner(pb: Problem, output_loss: str, model, input_fn, layers):
+  """``local(params, w, state, batch, check) -> ([L] sums, [L] misfits)``: one forward pass records
+  every layer's input and output, one VJP per factor column gives every layer's output
+  gradient, and per-example gradient norms are matrix products of the two
+  (:mod:`amq_jax.hessian._pex`). The misfits check that the hooks saw each operation's own
+  input and output (:func:`amq_jax.hessian._pex.misfit`)."""
+  names = [l.name for l in layers]
+  f = _pex.tapped_forward(model, input_fn)
+
+  def local(params, w, state, batch, check):
+    full = _paths.merge(params, w)
+    _, outs = _pex.io_shapes(model, input_fn, full, state, batch, names)
+    eps = {n: jnp.zeros(o.shape, o.dtype) for n, o in outs.items()}
+    logits, vjp, xy = jax.vjp(lambda e: f(full, state, batch, e), eps, has_aux=True)
+    S = jax.vmap(_factor_columns, in_axes=(0, None))(logits.astype(jnp.float32),
+                                                     output_loss)  # [n, C, K]
+    cots = jnp.moveaxis(S, 2, 0).astype(logits.dtype)  # [K, n, C]
+    # Output gradients of every layer for `chunk` columns at a time (one vmapped backward
+    # pass each): as many as fit in HOOKED_BYTES.
+    per_col = 4 * sum(math.prod(o.shape) for o in outs.values())
+    chunk = int(min(cots.shape[0], max(1, HOOKED_BYTES // max(per_col, 1))))
+    vals = 0.0
+    for c0 in range(0, cots.shape[0], chunk):
+      (g,) = jax.vmap(vjp)(cots[c0:c0 + chunk])
+      vals = vals + jnp.stack([_pex.sum_sq_norms(l.op, xy[l.name][0], g[l.name])
+                               for l in layers])
+    fit = jax.lax.cond(  # one more forward's worth of products: the first batch only
+        check, lambda: jnp.stack([_pex.misfit(l.op, xy[l.name][0], w[l.param], xy[l.name][1])
+                                  for l in layers]),
+        lambda: jnp.zeros(len(layers), jnp.float32))
+    return vals, fit
+  return local
+
+
+def _tapped_layers(pb: Problem, model, input_fn) -> tuple[list, str | None]:
+  """The layers of ``pb.wrt`` in ``model``'s table, or ``([], why not)``."""
+  if getattr(model, "act_apply", None) is None:
+    return [], f"the {getattr(model, 'framework', '?')!r} adapter has no layer hooks"
+  by_param = model.layers.by_param()
+  missing = [p for p in pb.wrt if p not in by_param]
+  if missing:
+    return [], f"{missing} are not layers of the model's table"
+  layers = [by_param[p] for p in pb.wrt]
+  for l in layers:
+    why = _pex.unsupported(l)
+    if why:
+      return [], why
+  ins, outs = _pex.io_shapes(model, input_fn, pb.params, model.state, pb.batches[0],
+                             [l.name for l in layers])
+  for l in layers:
+    if l.name not in ins or l.name not in outs:
+      return [], f"layer {l.name!r} was not called through its hook"
+    if tuple(ins[l.name][1:]) != tuple(l.in_shape) or (
+        l.out_shape and tuple(outs[l.name].shape[1:]) != tuple(l.out_shape)):
+      return [], (f"layer {l.name!r}: the hooked input/output {ins[l.name]} / "
+                  f"{outs[l.name].shape} are not what its operation reads and writes "
+                  f"({l.in_shape} / {l.out_shape}): the module transforms them")
+  return layers, None
+
+
+MISFIT_TOL = 1e-3
+HOOKED_BYTES = 1 << 30  # output gradients held at once by the hooked exact GGN, per device
+
+
+def _run_exact(pb: Problem, output_loss: str, progress: bool, model=None, input_fn=None,
+               layers=()):
+  """``(summed traces [L] on device, None)``; with ``layers`` (the hooked way) ``(None, why)``
+  as soon as a batch shows a misfit."""
+  tapped = bool(layers)
+  sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt),
+         tuple(str(pb.dtypes[p]) for p in pb.wrt), output_loss, id(model) if tapped else None)
+
+  def build():
+    local = (_tapped_runner(pb, output_loss, model, input_fn, layers) if tapped
+             else _vmap_runner(pb, output_loss))
+    # Each device sums the squared norms of ITS examples, then one psum. Left to GSPMD, the
+    # vmapped per-example convolution gradients (batch-grouped convolutions) come out wrong
+    # when the batch is sharded (XLA:CPU, jax 0.10: conv traces off by 5-8% on 2 devices);
+    # under shard_map nothing per-example is partitioned.
+    axes = tuple(pb.mesh.axis_names)
+
+    def reduced(*a):
+      vals, fit = local(*a)
+      return jax.lax.psum(vals, axes), jax.lax.pmax(fit, axes)
+    summed = jax.shard_map(reduced, mesh=pb.mesh, in_specs=(P(), P(), P(), P(axes), P()),
+                           out_specs=(P(), P()), check_vma=False)
+
+    def run(params, w, state, batch, weight, check):
+      n = _sharding.batch_size(batch)  # the global batch (static shape)
+      vals, fit = summed(params, w, state, batch, check)
+      return (weight / n) * vals, fit
+    return run
+
+  fn = cached_jit("ggn_exact", pb, sig, build)
+  state = pb.replicate(model.state if tapped else {})
+  checks = {c: pb.replicate(np.bool_(c)) for c in (False, True)}
+  bar = _progress.bar(progress, total=len(pb.batches), desc="exact GGN traces", unit="batch")
+  total = None
+  try:
+    for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
+      v, fit = fn(pb.params, pb.w, state, batch, weight, checks[b == 0])
+      if tapped and b == 0:  # the first batch vouches for the hooks (one host sync)
+        fit = np.asarray(_sharding.to_host(fit), np.float64)
+        bad = [l.name for l, m in zip(layers, fit) if not m <= MISFIT_TOL]
+        if bad:
+          return None, (f"in layer(s) {bad} the hooked output is not the weight's operation "
+                        "on the hooked input plus a bias (the module transforms its input or "
+                        f"output around it; relative misfit {float(np.max(fit)):.2g})")
+      total = v if total is None else total + v
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  return total, None
+
+
 def exact_ggn_traces(logits_fn: LogitsFn, params: Any, batches: Any, *,
                      wrt: Sequence[str] | None = None, output_loss: str = "xent", mesh=None,
-                     progress: bool = False) -> dict[str, TraceEstimate]:
-  """Exact ``Tr(G_l)`` per layer: ``C`` per-example backward passes (module docstring).
+                     progress: bool = False, model=None,
+                     model_input: Callable[[Any], Any] | None = None
+                     ) -> dict[str, TraceEstimate]:
+  """Exact ``Tr(G_l)`` per layer: one per-example backward pass per factor column
+  (``C - 1`` for softmax cross-entropy, ``C`` for MSE; module docstring).
 
-  Memory: one per-example gradient per example of a batch (``batch_size x num_params``
-  floats) at a time; use small batches for large models.
+  Two ways to the same numbers. With ``model`` (an :class:`amq_jax.adapters.Model` with
+  layer hooks: Linen, NNX), each layer's per-example gradients are matrix products of its
+  input patches and output gradients, all examples and columns at once. On the first batch
+  each hooked output must be the layer's own operation on the hooked input plus a bias
+  (relative misfit <= ``MISFIT_TOL``); a layer the hooks cannot serve, or a misfit, falls
+  back with a warning to the generic way: ``vmap`` over examples of the backward pass of
+  ``logits_fn``.
+
+  Memory: the generic way holds one per-example gradient per example of a batch
+  (``batch_size x num_params`` floats); the hooked way ``C`` output gradients of every layer
+  and every layer's input patches. Use small batches for large models.
 
   Args:
-    logits_fn: ``logits_fn(params, batch) -> [N, C]``; each example is passed as a batch
-      of one (inference mode: examples must not interact).
+    logits_fn: ``logits_fn(params, batch) -> [N, C]``; examples must not interact
+      (inference mode).
     params, batches, wrt, mesh: as in :func:`amq_jax.hessian.make_hvp`.
     output_loss: ``'xent'`` or ``'mse'`` (the factor ``S`` of the module docstring).
     progress: a bar over batches.
+    model: optional adapted model whose ``apply(params, model.state, model_input(batch))``
+      gives ``logits_fn(params, batch)``.
+    model_input: ``batch -> model input`` (default ``batch['image']``).
 
   Returns:
     ``{path: TraceEstimate}`` with ``stderr = 0``, ``probes = 1`` (one exact evaluation),
@@ -231,53 +407,16 @@ def exact_ggn_traces(logits_fn: LogitsFn, params: Any, batches: Any, *,
   if output_loss not in OUTPUT_LOSSES:
     raise ValueError(f"output_loss must be one of {OUTPUT_LOSSES}, got {output_loss!r}")
   pb = Problem(logits_fn, params, batches, wrt=wrt, mesh=mesh)
-  sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt),
-         tuple(str(pb.dtypes[p]) for p in pb.wrt), output_loss)
-
-  def build():
-    wrt_ = list(pb.wrt)
-
-    def per_example(params, w, ex):
-      exb = jax.tree_util.tree_map(lambda a: a[None], ex)
-      logits, vjp = jax.vjp(lambda w_: logits_fn(_paths.merge(params, w_), exb)[0], w)
-      S = _factor_matrix(logits.astype(jnp.float32), output_loss).astype(logits.dtype)
-
-      def col(c):
-        (g,) = vjp(S[:, c])
-        return jnp.stack([jnp.sum(jnp.square(g[q].astype(jnp.float32))) for q in wrt_])
-
-      return jnp.sum(_map_probes(col, S.shape[1]), axis=0)
-
-    # Each device sums the squared norms of ITS examples, then one psum. Left to GSPMD, the
-    # vmapped per-example convolution gradients (batch-grouped convolutions) come out wrong
-    # when the batch is sharded (XLA:CPU, jax 0.10: conv traces off by 5-8% on 2 devices);
-    # under shard_map nothing per-example is partitioned.
-    axes = tuple(pb.mesh.axis_names)
-
-    def local(params, w, batch):
-      vals = jax.vmap(per_example, in_axes=(None, None, 0))(params, w, batch)  # [B_dev, L]
-      return jax.lax.psum(jnp.sum(vals, axis=0), axes)
-
-    summed = jax.shard_map(local, mesh=pb.mesh, in_specs=(P(), P(), P(axes)), out_specs=P(),
-                           check_vma=False)
-
-    def run(params, w, batch, weight):
-      n = _sharding.batch_size(batch)  # the global batch (static shape)
-      return (weight / n) * summed(params, w, batch)
-    return run
-
-  fn = cached_jit("ggn_exact", pb, sig, build)
-  bar = _progress.bar(progress, total=len(pb.batches), desc="exact GGN traces", unit="batch")
+  input_fn = model_input or (lambda b: b["image"])
+  layers, why = ([], None) if model is None else _tapped_layers(pb, model, input_fn)
   total = None
-  try:
-    for batch, weight in zip(pb.batches, pb.weights):
-      v = fn(pb.params, pb.w, batch, weight)
-      total = v if total is None else total + v
-      if bar is not None:
-        bar.update(1)
-  finally:
-    if bar is not None:
-      bar.close()
+  if layers:
+    total, why = _run_exact(pb, output_loss, progress, model, input_fn, layers)
+  if why:
+    warnings.warn(f"exact GGN: per-example gradients by vmap, not through the layer hooks: "
+                  f"{why}", stacklevel=2)
+  if total is None:
+    total, _ = _run_exact(pb, output_loss, progress)
   total = np.asarray(_sharding.to_host(total), np.float64)
   if not np.all(np.isfinite(total)):
     bad = [p for p, t in zip(pb.wrt, total) if not np.isfinite(t)]

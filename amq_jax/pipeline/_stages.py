@@ -71,7 +71,8 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
                                                hc.min_probes) else "sampled"
   if method == "exact":
     est = hessian.exact_ggn_traces(kw["logits_fn"], model.params, batches,
-                                   wrt=model.layers.params_paths, progress=progress)
+                                   wrt=model.layers.params_paths, progress=progress,
+                                   model=model if model.act_apply is not None else None)
   else:
     est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
   layers = hessian.estimates_to_json(est)
