@@ -155,3 +155,16 @@ def test_hooked_exact_ggn_does_not_depend_on_the_device_count():
          for k in (1, 2)]
   for p in got[0]:
     np.testing.assert_allclose(got[1][p].trace, got[0][p].trace, rtol=2e-4, err_msg=p)
+
+
+def test_hooked_exact_ggn_when_the_module_is_the_layer():
+  """An NNX model that is one nnx.Linear: its output hook is the model's output."""
+  batch = _batch((5,))
+  m = adapters.from_nnx(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), batch["image"][:1])
+  logits_fn = lambda p, b: m.apply(p, m.state, b["image"])[0]
+  ref = hessian.exact_ggn_traces(logits_fn, m.params, batch, mesh=MESH)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = hessian.exact_ggn_traces(logits_fn, m.params, batch, mesh=MESH, model=m)
+  for p in ref:
+    np.testing.assert_allclose(got[p].trace, ref[p].trace, rtol=1e-4, err_msg=p)

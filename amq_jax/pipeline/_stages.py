@@ -44,8 +44,10 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   ``'ggn'`` or ``'fisher'`` (output-space probes; need ``task.logits_fn``).
 
   ``hc.ggn_method`` (GGN only): ``'sampled'`` (output-space probes to ``rtol``),
-  ``'exact'`` (:func:`amq_jax.hessian.exact_ggn_traces`: one per-example backward pass per
-  output class, no sampling error) or ``'auto'``: exact when :func:`ggn_exact_is_cheaper`.
+  ``'exact'`` (:func:`amq_jax.hessian.exact_ggn_traces`: one backward pass per column of the
+  output Hessian's factor, ``C - 1`` for ``C`` classes, per-example gradients through the
+  model's layer hooks where it has them; no sampling error) or ``'auto'``: exact when
+  :func:`ggn_exact_is_cheaper`.
   """
   batches = task.first_batches(hc.num_examples, hc.batch_size)
   loss_fn = task.curvature_loss(model)
