@@ -168,3 +168,56 @@ def test_hooked_exact_ggn_when_the_module_is_the_layer():
     got = hessian.exact_ggn_traces(logits_fn, m.params, batch, mesh=MESH, model=m)
   for p in ref:
     np.testing.assert_allclose(got[p].trace, ref[p].trace, rtol=1e-4, err_msg=p)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_per_example_probes_are_unbiased_and_need_fewer_samples(curvature):
+  """Through the hooks each probe's sample averages per-example squared norms: its mean is
+  the exact GGN trace (Fisher = GGN for softmax cross-entropy) and its spread is below the
+  summed probe's, which carries cross-example terms."""
+  model = Geometries()
+  batch = _batch((9, 9, 2), n=16)
+  variables = model.init(jax.random.key(0), batch["image"][:1])
+  logits_fn = hessian.linen_logits_fn(model, variables)
+  m = adapters.from_linen(model, variables, batch["image"][:1])
+  exact = hessian.exact_ggn_traces(logits_fn, variables["params"], batch, mesh=MESH, model=m)
+  kw = dict(key=jax.random.key(3), curvature=curvature, logits_fn=logits_fn, mesh=MESH,
+            rtol=1e-9, min_probes=200, max_probes=200, probes_per_step=8, progress=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    per_ex = hessian.layer_traces(None, variables["params"], batch, model=m, **kw)
+  summed = hessian.layer_traces(None, variables["params"], batch, **kw)
+  wider = 0
+  for p, e in exact.items():
+    est = per_ex[p]
+    assert abs(est.trace - e.trace) <= 4 * est.stderr + 1e-6 * e.trace, (p, est, e)
+    wider += summed[p].stderr > est.stderr
+  assert wider >= len(exact) - 1, {p: (summed[p].stderr, per_ex[p].stderr) for p in exact}
+
+
+def test_per_example_probes_fall_back_on_a_misfit_and_do_not_depend_on_devices():
+  model = WithActInside()
+  batch = _batch((7,), n=8)
+  variables = model.init(jax.random.key(0), batch["image"][:1])
+  logits_fn = hessian.linen_logits_fn(model, variables)
+  m = adapters.from_linen(model, variables, batch["image"][:1])
+  kw = dict(key=jax.random.key(3), curvature="ggn", logits_fn=logits_fn, mesh=MESH,
+            min_probes=4, max_probes=4, progress=False)
+  with pytest.warns(UserWarning, match="inner"):
+    got = hessian.layer_traces(None, variables["params"], batch, model=m, **kw)
+  want = hessian.layer_traces(None, variables["params"], batch, **kw)
+  for p in want:
+    np.testing.assert_allclose(got[p].samples, want[p].samples, rtol=1e-6)
+  if len(jax.devices()) < 2:
+    return
+  model = Geometries()
+  batch = _batch((9, 9, 2), n=8)
+  variables = model.init(jax.random.key(0), batch["image"][:1])
+  m = adapters.from_linen(model, variables, batch["image"][:1])
+  kw.update(logits_fn=hessian.linen_logits_fn(model, variables))
+  kw.pop("mesh")
+  one, two = (hessian.layer_traces(None, variables["params"], batch, model=m,
+                                   mesh=_sharding.data_mesh(jax.devices()[:k]), **kw)
+              for k in (1, 2))
+  for p in one:
+    np.testing.assert_allclose(two[p].samples, one[p].samples, rtol=2e-4, err_msg=p)

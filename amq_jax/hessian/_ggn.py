@@ -201,6 +201,96 @@ class _OutputSampler(_Sampler):
     return {i: np.asarray(vals[:, i], np.float64) for i in np.flatnonzero(active)}
 
 
+class _HookedOutputSampler(_Sampler):
+  """'ggn' / 'fisher' through layer hooks: each probe's sample is the mean over examples of
+  PER-EXAMPLE squared gradient norms, ``(1/N) sum_n ||J_{n,l}^T c_n||^2`` (``c_n`` the
+  example's cotangent). Unbiased like the summed probe (``E[c c^T] = H_n``) but without its
+  cross-example terms ``c_n^T J_n J_m^T c_m``, which add variance and nothing else."""
+  unit = "vjps"
+
+  def __init__(self, pb: Problem, key, curvature: str, output_loss: str, probes_per_step: int,
+               model, input_fn, layers):
+    super().__init__()
+    self.pb, self.key, self.P, self.layers = pb, key, probes_per_step, layers
+    self.state = pb.replicate(model.state)
+    self.checks = {c: pb.replicate(np.bool_(c)) for c in (False, True)}
+    self.what = "GGN probe gradient" if curvature == "ggn" else "Fisher probe gradient"
+    names = [l.name for l in layers]
+    f = _pex.tapped_forward(model, input_fn)
+    axes = tuple(pb.mesh.axis_names)
+    P_ = probes_per_step
+
+    def local(params, w, state, batch, key, b, j0, check):
+      full = _paths.merge(params, w)
+      _, outs = _pex.io_shapes(model, input_fn, full, state, batch, names)
+      eps = {n: jnp.zeros(o.shape, o.dtype) for n, o in outs.items()}
+      logits, vjp, xy = jax.vjp(lambda e: f(full, state, batch, e), eps, has_aux=True)
+      lg = logits.astype(jnp.float32)
+      # Example i of the global batch draws from fold_in(key_{probe, batch}, i): the same
+      # probes for any device count.
+      n = lg.shape[0]
+      idx = jax.lax.axis_index(axes) * n + jnp.arange(n)
+
+      def probe(p):
+        kb = jax.random.fold_in(jax.random.fold_in(key, j0 + p), b)
+        return jax.vmap(lambda i, l: _cotangent(curvature, output_loss, l[None],
+                                                jax.random.fold_in(kb, i))[0])(idx, lg)
+      cots = jnp.stack([probe(p) for p in range(P_)])
+      (g,) = jax.vmap(vjp)(cots.astype(logits.dtype))
+      vals = jnp.stack([_pex.sq_norms(l.op, xy[l.name][0], g[l.name]) for l in layers], 1)
+      fin = jnp.all(jnp.isfinite(vals), axis=0)
+      fit = jax.lax.cond(
+          check, lambda: jnp.stack([_pex.misfit(l.op, xy[l.name][0], w[l.param],
+                                                xy[l.name][1]) for l in layers]),
+          lambda: jnp.zeros(len(layers), jnp.float32))
+      return (jax.lax.psum(vals, axes), jax.lax.pmin(fin.astype(jnp.int32), axes),
+              jax.lax.pmin(jnp.all(jnp.isfinite(lg)).astype(jnp.int32), axes),
+              jax.lax.pmax(fit, axes))
+
+    sharded = jax.shard_map(local, mesh=pb.mesh,
+                            in_specs=(P(), P(), P(), P(axes), P(), P(), P(), P()),
+                            out_specs=(P(), P(), P(), P()), check_vma=False)
+
+    def build():
+      def step(params, w, state, batch, weight, key, b, j0, check):
+        vals, fin, ok, fit = sharded(params, w, state, batch, key, b, j0, check)
+        return (weight / _sharding.batch_size(batch)) * vals, fin > 0, ok > 0, fit
+      return step
+
+    sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt), curvature, output_loss,
+           probes_per_step, id(model), "hooked")
+    self.step = cached_jit("output_step_hooked", pb, sig, build)
+    self.checked = False
+
+  def round(self, active, count):
+    pb = self.pb
+    j0 = pb.replicate(np.int32(count.max()))
+    total, fins, oks = None, [], []
+    for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
+      vals, fin, ok, fit = self.step(pb.params, pb.w, self.state, batch, weight, self.key,
+                                     pb.replicate(np.int32(b)), j0,
+                                     self.checks[not self.checked and b == 0])
+      if not self.checked and b == 0:
+        fit = np.asarray(_sharding.to_host(fit), np.float64)
+        bad = [l.name for l, m in zip(self.layers, fit) if not m <= MISFIT_TOL]
+        if bad:
+          raise _HookMisfit(f"in layer(s) {bad} the hooked output is not the weight's "
+                            "operation on the hooked input plus a bias (relative misfit "
+                            f"{float(np.max(fit)):.2g})")
+        self.checked = True
+      total = vals if total is None else total + vals
+      fins.append(fin)
+      oks.append(ok)
+    vals, fins, oks = _sharding.to_host((total, fins, oks))
+    self.cost += self.P
+    _raise_nonfinite(pb, fins, oks, self.what)
+    return {i: np.asarray(vals[:, i], np.float64) for i in np.flatnonzero(active)}
+
+
+class _HookMisfit(Exception):
+  """The first batch showed that the layer hooks cannot be trusted (internal)."""
+
+
 def _check_loss(loss_fn, logits_fn, pb: Problem, output_loss: str) -> None:
   """The GGN belongs to ``output_loss``; ``loss_fn`` (if given) must be that loss."""
   f = jax.jit(lambda p, b: (loss_fn(p, b), output_loss_value(logits_fn(p, b), b, output_loss)))
@@ -217,8 +307,9 @@ def _check_loss(loss_fn, logits_fn, pb: Problem, output_loss: str) -> None:
 
 
 def sampler(loss_fn, logits_fn: LogitsFn | None, params, batches, *, key, wrt, curvature: str,
-            output_loss: str, probes_per_step: int, mesh):
-  """``(problem, sampler)`` for :func:`amq_jax.hessian.layer_traces`' GGN/Fisher path."""
+            output_loss: str, probes_per_step: int, mesh, model=None, model_input=None):
+  """``(problem, sampler)`` for :func:`amq_jax.hessian.layer_traces`' GGN/Fisher path: per
+  example through ``model``'s layer hooks where they serve, else the summed probe."""
   if logits_fn is None:
     raise ValueError(f"curvature={curvature!r} needs logits_fn(params, batch) -> [N, C] "
                      "(hessian.linen_logits_fn(model, variables) for Linen classifiers)")
@@ -227,6 +318,14 @@ def sampler(loss_fn, logits_fn: LogitsFn | None, params, batches, *, key, wrt, c
   pb = Problem(logits_fn, params, batches, wrt=wrt, mesh=mesh)
   if loss_fn is not None:
     _check_loss(loss_fn, logits_fn, pb, output_loss)
+  if model is not None:
+    input_fn = model_input or (lambda b: b["image"])
+    layers, why = _tapped_layers(pb, model, input_fn)
+    if layers:
+      return pb, _HookedOutputSampler(pb, pb.replicate(key), curvature, output_loss,
+                                      probes_per_step, model, input_fn, layers)
+    warnings.warn(f"{curvature} traces: summed output-space probes, not per-example ones "
+                  f"through the layer hooks: {why}", stacklevel=3)
   return pb, _OutputSampler(pb, pb.replicate(key), curvature, output_loss, probes_per_step)
 
 

@@ -101,22 +101,30 @@ def _rows(op, x, g):
   return p, g
 
 
-def sum_sq_norms(op, x, g) -> jax.Array:
-  """``sum_n sum_j ||dW_{n,j}||^2`` (float32 scalar) for one layer.
+def sq_norms(op, x, g) -> jax.Array:
+  """``[J]``: ``sum_n ||dW_{n,j}||^2`` for each of the ``J`` cotangents (float32).
 
   Args:
     op: the layer's :attr:`~amq_jax.adapters.Layer.op`.
     x: the layer's input, batch first as the operation reads it (``[N, ...]``).
     g: the gradient w.r.t. its output for ``J`` cotangents, ``[J, N, ...out]``.
   """
+  J0 = g.shape[0]
   p, g = _rows(op, x.astype(jnp.float32), g.astype(jnp.float32))
-  T, K, J = p.shape[1], p.shape[3], g.shape[3]
-  if T * T * (K + J) < T * K * J:  # Gram form: cheaper where positions are few
+  N, T, G, K = p.shape
+  g = g.reshape(N, T, G, J0, -1)
+  O = g.shape[-1]
+  if T * T * (K + J0 * O) < T * K * J0 * O:  # Gram form: cheaper where positions are few
     pp = jnp.einsum("ntgk,nsgk->ngts", p, p)
-    gg = jnp.einsum("ntgj,nsgj->ngts", g, g)
-    return jnp.sum(pp * gg)
-  dw = jnp.einsum("ntgk,ntgj->ngkj", p, g)
-  return jnp.sum(jnp.square(dw))
+    gg = jnp.einsum("ntgjo,nsgjo->ngjts", g, g)
+    return jnp.einsum("ngts,ngjts->j", pp, gg)
+  dw = jnp.einsum("ntgk,ntgjo->ngkjo", p, g)
+  return jnp.sum(jnp.square(dw), axis=(0, 1, 2, 4))
+
+
+def sum_sq_norms(op, x, g) -> jax.Array:
+  """``sum_n sum_j ||dW_{n,j}||^2`` (float32 scalar) for one layer (:func:`sq_norms`)."""
+  return jnp.sum(sq_norms(op, x, g))
 
 
 def apply_op(op, x, w) -> jax.Array:

@@ -38,8 +38,10 @@ every device count, so results are reproducible for a given key.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -469,8 +471,8 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
                  output_loss: str = "xent", rtol: float = 0.05, atol: float = 0.0,
                  min_probes: int = 10, max_probes: int = 500, confidence: float = 0.95,
                  probes_per_step: int = 1, sketch_size: int = DEFAULT_SKETCH, mesh=None,
-                 progress: bool = True, max_time: float | None = None
-                 ) -> dict[str, TraceEstimate]:
+                 progress: bool = True, max_time: float | None = None, model=None,
+                 model_input: Callable | None = None) -> dict[str, TraceEstimate]:
   """Per-layer curvature traces ``Tr(C_ii)``, each layer stopped on its own error.
 
   A layer stops when it has ``min_probes`` samples and the ``confidence`` Student-t
@@ -499,6 +501,12 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
     progress: a ``tqdm.auto`` bar of finished layers (on by default).
     max_time: wall-clock budget in seconds; after the step that exceeds it, every layer
       still running stops (status ``'max_probes'`` unless negative or near zero).
+    model, model_input: 'ggn'/'fisher' only: an adapted model with layer hooks (Linen, NNX;
+      ``model.apply(params, model.state, model_input(batch))`` must give ``logits_fn``'s
+      logits, ``model_input`` defaulting to ``batch['image']``). Each probe's sample is
+      then the mean of PER-EXAMPLE squared gradient norms (no cross-example variance), the
+      per-example gradients computed from the hooks (:mod:`amq_jax.hessian._pex`); layers
+      the hooks cannot serve fall back, with a warning, to the summed probe.
 
   Returns:
     ``{path: TraceEstimate}`` in ``wrt`` order.
@@ -523,12 +531,24 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
     raise ValueError("probes_per_step must be >= 1")
   if not 0 < confidence < 1:
     raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  run = functools.partial(_run, rtol=rtol, atol=atol, min_probes=min_probes,
+                          max_probes=max_probes, confidence=confidence,
+                          probes_per_step=probes_per_step, progress=progress,
+                          max_time=max_time)
   if curvature != "hessian":
     from amq_jax.hessian import _ggn
-    pb, sampler = _ggn.sampler(loss_fn, logits_fn, params, batches, key=key, wrt=wrt,
-                               curvature=curvature, output_loss=output_loss,
-                               probes_per_step=probes_per_step, mesh=mesh)
+    kw = dict(key=key, wrt=wrt, curvature=curvature, output_loss=output_loss,
+              probes_per_step=probes_per_step, mesh=mesh)
+    pb, sampler = _ggn.sampler(loss_fn, logits_fn, params, batches, model=model,
+                               model_input=model_input, **kw)
     desc = f"{curvature} traces"
+    try:
+      return run(sampler, pb.wrt, pb.num_params, desc=desc)
+    except _ggn._HookMisfit as e:
+      warnings.warn(f"{curvature} traces: summed output-space probes, not per-example ones "
+                    f"through the layer hooks: {e}", stacklevel=2)
+      pb, sampler = _ggn.sampler(None, logits_fn, params, batches, **kw)
+      return run(sampler, pb.wrt, pb.num_params, desc=desc)
   else:
     if loss_fn is None:
       raise ValueError("curvature='hessian' needs loss_fn(params, batch) -> mean loss")
@@ -542,6 +562,4 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       sampler = _BlockSampler(pb, rkey, probes_per_step,
                               sketch_size if estimator == "hutchpp" else 0)
     desc = f"hessian traces ({estimator})"
-  return _run(sampler, pb.wrt, pb.num_params, rtol=rtol, atol=atol, min_probes=min_probes,
-              max_probes=max_probes, confidence=confidence, probes_per_step=probes_per_step,
-              progress=progress, max_time=max_time, desc=desc)
+  return run(sampler, pb.wrt, pb.num_params, desc=desc)

@@ -41,7 +41,8 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   """Per-layer curvature traces of the float model (``hc``: the config's ``hessian``).
 
   ``hc.curvature``: ``'hessian'`` (Hutchinson on Hessian blocks, the paper's method),
-  ``'ggn'`` or ``'fisher'`` (output-space probes; need ``task.logits_fn``).
+  ``'ggn'`` or ``'fisher'`` (output-space probes; need ``task.logits_fn``; per example
+  through the model's layer hooks where it has them).
 
   ``hc.ggn_method`` (GGN only): ``'sampled'`` (output-space probes to ``rtol``),
   ``'exact'`` (:func:`amq_jax.hessian.exact_ggn_traces`: one backward pass per column of the
@@ -61,6 +62,8 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
       raise ConfigError(f"hessian.curvature={curvature!r} needs logits (a task with "
                         "logits_fn); use 'hessian' for this task")
     kw["logits_fn"] = task.logits_fn(model)
+    if model.act_apply is not None:  # per-example probes through the layer hooks
+      kw["model"] = model
   for name in ("atol", "confidence"):
     if name in hc:
       kw[name] = hc[name]
@@ -74,7 +77,7 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   if method == "exact":
     est = hessian.exact_ggn_traces(kw["logits_fn"], model.params, batches,
                                    wrt=model.layers.params_paths, progress=progress,
-                                   model=model if model.act_apply is not None else None)
+                                   model=kw.get("model"))
   else:
     est = hessian.layer_traces(loss_fn, model.params, batches, **kw)
   layers = hessian.estimates_to_json(est)
@@ -82,7 +85,8 @@ def analyze_traces(model: Model, task: Task, hc, *, progress: bool = True) -> di
   out_layers = {}
   for p, e in layers.items():
     out_layers[by_param[p].name] = dict(e, param=p)
-  estimator = {"hessian": hc.estimator}.get(curvature, "output-space probes")
+  estimator = {"hessian": hc.estimator}.get(
+      curvature, "per-example output-space probes" if "model" in kw else "output-space probes")
   if method == "exact":
     estimator = "exact (one per-example pass per class)"
   return {"curvature": curvature, "estimator": estimator,
