@@ -89,7 +89,8 @@ GROUPS = {
     "grad": ("torch_grad", "jax_grad", "torch_hvp", "jax_hvp"),
     "exact": ("amq_ggn_exact", "amq_ggn_exact_vmap", "backpack_ggn_exact",
               "curvlinops_ggn_exact"),
-    "sampled": ("amq_ggn", "amq_fisher", "backpack_ggn_mc"),
+    "sampled": ("amq_ggn", "amq_fisher", "amq_ggn_summed", "amq_fisher_summed",
+                "backpack_ggn_mc"),
     "hessian": ("amq_hessian_per_layer", "torch_hessian_per_layer",
                 "curvlinops_hessian_per_layer"),
 }
@@ -105,7 +106,10 @@ LIBRARY = {"torch_grad": "PyTorch autograd", "jax_grad": "jax.grad",
            "amq_ggn_exact_vmap": "amq-jax exact_ggn_traces without model= (vmap over examples)",
            "backpack_ggn_exact": "BackPACK DiagGGNExact",
            "curvlinops_ggn_exact": "curvlinops GGNLinearOperator (D matvecs)",
-           "amq_ggn": "amq-jax layer_traces ggn", "amq_fisher": "amq-jax layer_traces fisher",
+           "amq_ggn": "amq-jax layer_traces ggn (per example, layer hooks)",
+           "amq_fisher": "amq-jax layer_traces fisher (per example, layer hooks)",
+           "amq_ggn_summed": "amq-jax layer_traces ggn without model= (summed probe)",
+           "amq_fisher_summed": "amq-jax layer_traces fisher without model= (summed probe)",
            "backpack_ggn_mc": "BackPACK DiagGGNMC",
            "amq_hessian_per_layer": "amq-jax layer_traces per_layer",
            "torch_hessian_per_layer": "PyHessian-style loop (torch_reference)",
@@ -621,12 +625,13 @@ def main(argv=None):
                      min_probes=min_probes, per_layer_units=per_layer_units)
     r.update(seconds=sec, compile_s=comp)
     return est, r
-  for curv in ("ggn", "fisher"):
-    name = f"amq_{curv}"
+  for curv, hooked in (("ggn", True), ("fisher", True), ("ggn", False), ("fisher", False)):
+    name = f"amq_{curv}" + ("" if hooked else "_summed")
     if name not in rows:
       continue
     est, r = amq_row(None, 10_000, 1, max_vjps, per_layer_units=False, curvature=curv,
-                     logits_fn=logits_fn, probes_per_step=args.vjp_probes_per_step)
+                     logits_fn=logits_fn, probes_per_step=args.vjp_probes_per_step,
+                     model=adapted if hooked else None)
     sec = r["seconds"]
     r.update(units=max(e.probes for e in est.values()),
              unit="VJPs (all layers each)",
