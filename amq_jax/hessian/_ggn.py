@@ -32,6 +32,12 @@ sum diag)`` with ``A = [J_{n,l}^T S_n]_n``, at most ``2 ||G_l||_F^2``: that of a
 probe of ``G_l`` itself. With several batches, the sample is ``sum_b ||g_{b,l}||^2 / N``
 (cross-batch terms, of mean zero, are left out: still unbiased, lower variance).
 
+**Per example** (``layer_traces(..., model=)``, a model with layer hooks). The same probes,
+but each example's gradient squared on its own: ``(1/N) sum_n ||J_{n,l}^T S_n u_n||^2``,
+also unbiased for ``Tr(G_l)`` (``E[S u u^T S^T] = H_n``) and without the terms ``n != m``
+above, whose only effect is variance. Per-example gradients come from each layer's input
+and output gradient as matrix products (:mod:`amq_jax.hessian._pex`).
+
 **Monte-Carlo Fisher** (``curvature='fisher'``). ``F = (1/N) sum_n E_{y ~ p_n}[grad l_n(y)
 grad l_n(y)^T]`` with labels SAMPLED from the model (not the data: that "empirical
 Fisher" is a different, biased quantity). The gradient w.r.t. the logits is
