@@ -215,7 +215,7 @@ class _HookedOutputSampler(_Sampler):
   unit = "vjps"
 
   def __init__(self, pb: Problem, key, curvature: str, output_loss: str, probes_per_step: int,
-               model, input_fn, layers):
+               model, input_fn, layers, input_key=None):
     super().__init__()
     self.pb, self.key, self.P, self.layers = pb, key, probes_per_step, layers
     self.state = pb.replicate(model.state)
@@ -264,7 +264,7 @@ class _HookedOutputSampler(_Sampler):
       return step
 
     sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt), curvature, output_loss,
-           probes_per_step, id(model), "hooked")
+           probes_per_step, id(model), input_key)
     self.step = cached_jit("output_step_hooked", pb, sig, build)
     self.checked = False
 
@@ -329,7 +329,7 @@ def sampler(loss_fn, logits_fn: LogitsFn | None, params, batches, *, key, wrt, c
     layers, why = _tapped_layers(pb, model, input_fn)
     if layers:
       return pb, _HookedOutputSampler(pb, pb.replicate(key), curvature, output_loss,
-                                      probes_per_step, model, input_fn, layers)
+                                      probes_per_step, model, input_fn, layers, model_input)
     warnings.warn(f"{curvature} traces: summed output-space probes, not per-example ones "
                   f"through the layer hooks: {why}", stacklevel=3)
   return pb, _OutputSampler(pb, pb.replicate(key), curvature, output_loss, probes_per_step)
@@ -423,12 +423,13 @@ HOOKED_BYTES = 1 << 30  # output gradients held at once by the hooked exact GGN,
 
 
 def _run_exact(pb: Problem, output_loss: str, progress: bool, model=None, input_fn=None,
-               layers=()):
+               layers=(), input_key=None):
   """``(summed traces [L] on device, None)``; with ``layers`` (the hooked way) ``(None, why)``
   as soon as a batch shows a misfit."""
   tapped = bool(layers)
   sig = (tuple(pb.wrt), tuple(pb.shapes[p] for p in pb.wrt),
-         tuple(str(pb.dtypes[p]) for p in pb.wrt), output_loss, id(model) if tapped else None)
+         tuple(str(pb.dtypes[p]) for p in pb.wrt), output_loss,
+         (id(model), input_key) if tapped else None)
 
   def build():
     local = (_tapped_runner(pb, output_loss, model, input_fn, layers) if tapped
@@ -516,7 +517,7 @@ def exact_ggn_traces(logits_fn: LogitsFn, params: Any, batches: Any, *,
   layers, why = ([], None) if model is None else _tapped_layers(pb, model, input_fn)
   total = None
   if layers:
-    total, why = _run_exact(pb, output_loss, progress, model, input_fn, layers)
+    total, why = _run_exact(pb, output_loss, progress, model, input_fn, layers, model_input)
   if why:
     warnings.warn(f"exact GGN: per-example gradients by vmap, not through the layer hooks: "
                   f"{why}", stacklevel=2)
