@@ -196,8 +196,7 @@ class _OutputSampler(_Sampler):
     j0 = pb.replicate(np.int32(count.max()))  # every layer shares the probe index
     total, fins, oks = None, [], []
     for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
-      vals, fin, ok = self.step(pb.params, pb.w, batch, weight, self.key,
-                                pb.replicate(np.int32(b)), j0)
+      vals, fin, ok = self._batch(b, batch, weight, j0)
       total = vals if total is None else total + vals
       fins.append(fin)
       oks.append(ok)
@@ -206,8 +205,12 @@ class _OutputSampler(_Sampler):
     _raise_nonfinite(pb, fins, oks, self.what)
     return {i: np.asarray(vals[:, i], np.float64) for i in np.flatnonzero(active)}
 
+  def _batch(self, b, batch, weight, j0):
+    pb = self.pb
+    return self.step(pb.params, pb.w, batch, weight, self.key, pb.replicate(np.int32(b)), j0)
 
-class _HookedOutputSampler(_Sampler):
+
+class _HookedOutputSampler(_OutputSampler):
   """'ggn' / 'fisher' through layer hooks: each probe's sample is the mean over examples of
   PER-EXAMPLE squared gradient norms, ``(1/N) sum_n ||J_{n,l}^T c_n||^2`` (``c_n`` the
   example's cotangent). Unbiased like the summed probe (``E[c c^T] = H_n``) but without its
@@ -216,7 +219,7 @@ class _HookedOutputSampler(_Sampler):
 
   def __init__(self, pb: Problem, key, curvature: str, output_loss: str, probes_per_step: int,
                model, input_fn, layers, input_key=None):
-    super().__init__()
+    _Sampler.__init__(self)
     self.pb, self.key, self.P, self.layers = pb, key, probes_per_step, layers
     self.state = pb.replicate(model.state)
     self.checks = {c: pb.replicate(np.bool_(c)) for c in (False, True)}
@@ -227,10 +230,7 @@ class _HookedOutputSampler(_Sampler):
     P_ = probes_per_step
 
     def local(params, w, state, batch, key, b, j0, check):
-      full = _paths.merge(params, w)
-      _, outs = _pex.io_shapes(model, input_fn, full, state, batch, names)
-      eps = {n: jnp.zeros(o.shape, o.dtype) for n, o in outs.items()}
-      logits, vjp, xy = jax.vjp(lambda e: f(full, state, batch, e), eps, has_aux=True)
+      logits, vjp, xy = _hooked_vjp(model, input_fn, names, f, params, w, state, batch)
       lg = logits.astype(jnp.float32)
       # Example i of the global batch draws from fold_in(key_{probe, batch}, i): the same
       # probes for any device count.
@@ -245,10 +245,7 @@ class _HookedOutputSampler(_Sampler):
       (g,) = jax.vmap(vjp)(cots.astype(logits.dtype))
       vals = jnp.stack([_pex.sq_norms(l.op, xy[l.name][0], g[l.name]) for l in layers], 1)
       fin = jnp.all(jnp.isfinite(vals), axis=0)
-      fit = jax.lax.cond(
-          check, lambda: jnp.stack([_pex.misfit(l.op, xy[l.name][0], w[l.param],
-                                                xy[l.name][1]) for l in layers]),
-          lambda: jnp.zeros(len(layers), jnp.float32))
+      fit = _misfits(layers, xy, w, check)
       return (jax.lax.psum(vals, axes), jax.lax.pmin(fin.astype(jnp.int32), axes),
               jax.lax.pmin(jnp.all(jnp.isfinite(lg)).astype(jnp.int32), axes),
               jax.lax.pmax(fit, axes))
@@ -268,29 +265,16 @@ class _HookedOutputSampler(_Sampler):
     self.step = cached_jit("output_step_hooked", pb, sig, build)
     self.checked = False
 
-  def round(self, active, count):
-    pb = self.pb
-    j0 = pb.replicate(np.int32(count.max()))
-    total, fins, oks = None, [], []
-    for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
-      vals, fin, ok, fit = self.step(pb.params, pb.w, self.state, batch, weight, self.key,
-                                     pb.replicate(np.int32(b)), j0,
-                                     self.checks[not self.checked and b == 0])
-      if not self.checked and b == 0:
-        fit = np.asarray(_sharding.to_host(fit), np.float64)
-        bad = [l.name for l, m in zip(self.layers, fit) if not m <= MISFIT_TOL]
-        if bad:
-          raise _HookMisfit(f"in layer(s) {bad} the hooked output is not the weight's "
-                            "operation on the hooked input plus a bias (relative misfit "
-                            f"{float(np.max(fit)):.2g})")
-        self.checked = True
-      total = vals if total is None else total + vals
-      fins.append(fin)
-      oks.append(ok)
-    vals, fins, oks = _sharding.to_host((total, fins, oks))
-    self.cost += self.P
-    _raise_nonfinite(pb, fins, oks, self.what)
-    return {i: np.asarray(vals[:, i], np.float64) for i in np.flatnonzero(active)}
+  def _batch(self, b, batch, weight, j0):
+    pb, first = self.pb, not self.checked and b == 0
+    vals, fin, ok, fit = self.step(pb.params, pb.w, self.state, batch, weight, self.key,
+                                   pb.replicate(np.int32(b)), j0, self.checks[first])
+    if first:  # the first batch vouches for the hooks (one host sync)
+      why = _misfit_message(self.layers, fit)
+      if why:
+        raise _HookMisfit(why)
+      self.checked = True
+    return vals, fin, ok
 
 
 class _HookMisfit(Exception):
@@ -368,28 +352,50 @@ def _tapped_runner(pb: Problem, output_loss: str, model, input_fn, layers):
   f = _pex.tapped_forward(model, input_fn)
 
   def local(params, w, state, batch, check):
-    full = _paths.merge(params, w)
-    _, outs = _pex.io_shapes(model, input_fn, full, state, batch, names)
-    eps = {n: jnp.zeros(o.shape, o.dtype) for n, o in outs.items()}
-    logits, vjp, xy = jax.vjp(lambda e: f(full, state, batch, e), eps, has_aux=True)
+    logits, vjp, xy = _hooked_vjp(model, input_fn, names, f, params, w, state, batch)
     S = jax.vmap(_factor_columns, in_axes=(0, None))(logits.astype(jnp.float32),
                                                      output_loss)  # [n, C, K]
     cots = jnp.moveaxis(S, 2, 0).astype(logits.dtype)  # [K, n, C]
     # Output gradients of every layer for `chunk` columns at a time (one vmapped backward
     # pass each): as many as fit in HOOKED_BYTES.
-    per_col = 4 * sum(math.prod(o.shape) for o in outs.values())
+    per_col = 4 * sum(math.prod(xy[n][1].shape) for n in names)
     chunk = int(min(cots.shape[0], max(1, HOOKED_BYTES // max(per_col, 1))))
     vals = 0.0
     for c0 in range(0, cots.shape[0], chunk):
       (g,) = jax.vmap(vjp)(cots[c0:c0 + chunk])
       vals = vals + jnp.stack([_pex.sum_sq_norms(l.op, xy[l.name][0], g[l.name])
                                for l in layers])
-    fit = jax.lax.cond(  # one more forward's worth of products: the first batch only
-        check, lambda: jnp.stack([_pex.misfit(l.op, xy[l.name][0], w[l.param], xy[l.name][1])
-                                  for l in layers]),
-        lambda: jnp.zeros(len(layers), jnp.float32))
-    return vals, fit
+    return vals, _misfits(layers, xy, w, check)
   return local
+
+
+def _hooked_vjp(model, input_fn, names, f, params, w, state, batch):
+  """``(logits, vjp, {name: (input, output)})``: the hooked forward pass with a zero
+  perturbation on each named layer's output, linearized in those perturbations."""
+  full = _paths.merge(params, w)
+  _, outs = _pex.io_shapes(model, input_fn, full, state, batch, names)
+  eps = {n: jnp.zeros(o.shape, o.dtype) for n, o in outs.items()}
+  return jax.vjp(lambda e: f(full, state, batch, e), eps, has_aux=True)
+
+
+def _misfits(layers, xy, w, check):
+  """``[L]`` :func:`amq_jax.hessian._pex.misfit` per layer when ``check`` (a traced bool),
+  zeros otherwise: one more forward's worth of products, on the first batch only."""
+  return jax.lax.cond(
+      check, lambda: jnp.stack([_pex.misfit(l.op, xy[l.name][0], w[l.param], xy[l.name][1])
+                                for l in layers]),
+      lambda: jnp.zeros(len(layers), jnp.float32))
+
+
+def _misfit_message(layers, fit) -> str | None:
+  """What the first batch's misfits say against the hooks (None: they can be trusted)."""
+  fit = np.asarray(_sharding.to_host(fit), np.float64)
+  bad = [l.name for l, m in zip(layers, fit) if not m <= MISFIT_TOL]
+  if not bad:
+    return None
+  return (f"in layer(s) {bad} the hooked output is not the weight's operation on the hooked "
+          "input plus a bias (the module transforms its input or output around it; relative "
+          f"misfit {float(np.max(fit)):.2g})")
 
 
 def _tapped_layers(pb: Problem, model, input_fn) -> tuple[list, str | None]:
@@ -461,12 +467,9 @@ def _run_exact(pb: Problem, output_loss: str, progress: bool, model=None, input_
     for b, (batch, weight) in enumerate(zip(pb.batches, pb.weights)):
       v, fit = fn(pb.params, pb.w, state, batch, weight, checks[b == 0])
       if tapped and b == 0:  # the first batch vouches for the hooks (one host sync)
-        fit = np.asarray(_sharding.to_host(fit), np.float64)
-        bad = [l.name for l, m in zip(layers, fit) if not m <= MISFIT_TOL]
-        if bad:
-          return None, (f"in layer(s) {bad} the hooked output is not the weight's operation "
-                        "on the hooked input plus a bias (the module transforms its input or "
-                        f"output around it; relative misfit {float(np.max(fit)):.2g})")
+        why = _misfit_message(layers, fit)
+        if why:
+          return None, why
       total = v if total is None else total + v
       if bar is not None:
         bar.update(1)
