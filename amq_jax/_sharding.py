@@ -14,6 +14,15 @@ slice of the global batch (see :func:`shard_batch` and :func:`process_slice`).
 >>> mesh = data_mesh()                                   # every device of every process
 >>> state = replicate(state, mesh)
 >>> batch = shard_batch(process_slice(global_batch), mesh)
+
+The default mesh (``data_mesh()``, ``default_mesh()``, and every ``mesh=None`` of training,
+evaluation and the estimators) takes every device. :func:`set_default_devices` narrows it to
+the first ``n`` devices of one process, while explicit meshes still reach all of them; the
+test suite uses it to run the product's default of ONE CPU device (``host_devices=1``) with
+8 simulated devices kept for the tests that shard on purpose:
+
+>>> set_default_devices(1)        # data_mesh() -> 1 device; data_mesh(jax.devices()[:4]) -> 4
+>>> set_default_devices(None)     # back to every device
 """
 from __future__ import annotations
 
@@ -24,22 +33,55 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["DATA_AXIS", "data_mesh", "default_mesh", "replicated", "batch_sharding",
-           "replicate", "shard_batch", "process_slice", "to_host", "as_batch_list",
-           "batch_size"]
+__all__ = ["DATA_AXIS", "data_mesh", "default_mesh", "set_default_devices", "replicated",
+           "batch_sharding", "replicate", "shard_batch", "process_slice", "to_host",
+           "as_batch_list", "batch_size"]
 
 DATA_AXIS = "data"
+_default_count: int | None = None  # set by set_default_devices; None: every device
+
+
+def set_default_devices(count: int | None) -> None:
+  """Makes the default mesh the first ``count`` devices of ``jax.devices()`` (None: all).
+
+  Process-wide; meshes passed explicitly are not affected. Single-process only: with several
+  processes a default mesh must span every process's devices (checked when one is built).
+
+  Raises:
+    ValueError: ``count`` is not None or an integer >= 1.
+  """
+  global _default_count
+  if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                            or count < 1):
+    raise ValueError(f"set_default_devices(count={count!r}): give an integer >= 1, or None "
+                     "for every device")
+  _default_count = count
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all
-  processes, in ``jax.devices()`` order)."""
-  devs = np.asarray(list(devices) if devices is not None else jax.devices())
-  return Mesh(devs, (DATA_AXIS,))
+  processes, in ``jax.devices()`` order, or the first few: :func:`set_default_devices`).
+
+  Raises:
+    ValueError: the default device count exceeds the devices there are, or is set with
+      several processes.
+  """
+  if devices is not None:
+    return Mesh(np.asarray(list(devices)), (DATA_AXIS,))
+  devs = jax.devices()
+  n = _default_count
+  if n is not None and n != len(devs):
+    if n > len(devs) or jax.process_count() > 1:
+      raise ValueError(
+          f"set_default_devices({n}) cannot be met: {len(devs)} devices over "
+          f"{jax.process_count()} process(es); a narrowed default mesh needs one process "
+          "with at least that many devices (fix: set_default_devices(None), or pass mesh=)")
+    devs = devs[:n]
+  return Mesh(np.asarray(devs), (DATA_AXIS,))
 
 
 def default_mesh() -> Mesh:
-  """:func:`data_mesh` over every device (the name the Hessian estimators use)."""
+  """:func:`data_mesh` over the default devices (the name the Hessian estimators use)."""
   return data_mesh()
 
 

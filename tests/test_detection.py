@@ -445,6 +445,28 @@ def test_quantized_apply_8bit_on_retinanet(tiny, det_data):
     assert err8 < 0.06 and err2 > 10 * err8, (k, err8, err2)  # random init: ~1-3% at 8 bits
 
 
+def test_predict_pads_short_batches_over_devices(tiny, det_data):
+  """Batches of 6 and 2 on 4 devices are padded (to 8 and 4) and the padding rows dropped:
+  the detections are those of one device, image for image."""
+  from amq_jax._sharding import replicate
+  model, v = tiny
+  _, test = det_data
+  fn = detection.make_predict_fn(detection.detector_apply_fn(model),
+                                 detection.generate_anchors((96, 96), ANCHORS_TINY), (96, 96),
+                                 score_threshold=0.0, pre_nms_topk=50, max_detections=20)
+  batches = [{"image": test.images[a:b], "boxes": test.boxes[a:b],
+              "classes": test.classes[a:b]} for a, b in ((0, 6), (6, 8))]
+  got = {}
+  for n in (1, 4):
+    mesh = data_mesh(jax.devices()[:n])
+    got[n] = detection.predict(fn, replicate(v, mesh), batches, mesh=mesh)
+  assert got[4].keys() == got[1].keys()
+  for k in got[1]:
+    assert got[4][k].shape == got[1][k].shape and len(got[1][k]) == 8, k
+    np.testing.assert_allclose(got[4][k], got[1][k], rtol=1e-5, atol=1e-4, err_msg=k)
+  assert got[1]["valid"].any()  # there are detections to compare
+
+
 # ------------------------------------------------------------------------------ training
 
 def test_train_steps_lower_loss_and_hessian_loss_fn(tiny, det_data):

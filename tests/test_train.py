@@ -100,6 +100,46 @@ def test_batch_not_divisible_by_devices(tmp_path, fmnist_slice):
     _fit(loss_fn, v, InMemorySource(fmnist_slice[0]), tmp_path, batch_size=4096)
 
 
+def test_sharded_evaluate_pads_and_masks_short_batches(fmnist_slice):
+  """512 examples in batches of 100 on 8 devices: each batch padded to 104 (the last, 12,
+  to 16) and the padding masked out, so loss and accuracy are those of one device."""
+  model, _, v = _mlp()
+  step = train.make_eval_step(train.linen_apply_fn(model))
+  got = {n: train.evaluate(step, v, fmnist_slice[1], batch_size=100,
+                           mesh=train.data_mesh(jax.devices()[:n])) for n in (1, 8)}
+  assert got[8]["accuracy"] == got[1]["accuracy"]
+  assert got[8]["loss"] == pytest.approx(got[1]["loss"], rel=1e-5)
+
+
+@pytest.fixture
+def default_devices():
+  """Restores the default mesh's device count (conftest.py: one) after the test."""
+  from amq_jax import _sharding
+  before = _sharding._default_count
+  yield _sharding
+  _sharding.set_default_devices(before)
+
+
+def test_default_mesh_devices_can_be_narrowed(default_devices):
+  s = default_devices
+  assert train.data_mesh().devices.size == s.default_mesh().devices.size == 1  # conftest.py
+  s.set_default_devices(None)
+  assert list(train.data_mesh().devices) == jax.devices() and len(jax.devices()) == 8
+  s.set_default_devices(4)
+  assert list(s.default_mesh().devices) == jax.devices()[:4]
+  # An explicit mesh is not narrowed; shard_batch and replicate default to the default mesh.
+  assert train.data_mesh(jax.devices()[2:8]).devices.size == 6
+  placed = train.shard_batch({"x": np.arange(8.0)})
+  assert placed["x"].sharding.mesh.devices.size == 4
+  assert len(train.replicate(np.ones(3)).sharding.device_set) == 4
+  s.set_default_devices(9)
+  with pytest.raises(ValueError, match=r"set_default_devices\(9\) cannot be met: 8 devices"):
+    train.data_mesh()
+  for bad in (0, -1, True, 2.0, "2"):
+    with pytest.raises(ValueError, match="integer >= 1, or None"):
+      s.set_default_devices(bad)
+
+
 def test_source_that_runs_dry_is_an_error_not_a_hang(tmp_path, fmnist_slice):
   class Dry(InMemorySource):
     def train_batches(self, batch_size, *, seed, epoch, start=0):
