@@ -23,10 +23,22 @@ test suite uses it to run the product's default of ONE CPU device (``host_device
 
 >>> set_default_devices(1)        # data_mesh() -> 1 device; data_mesh(jax.devices()[:4]) -> 4
 >>> set_default_devices(None)     # back to every device
+
+Several CPU devices (``host_devices``, or simulated ones in tests) need one more rule, kept
+by :func:`serial_on_cpu`: jaxlib's XLA:CPU deadlocks when multi-device programs with a
+cross-device collective are dispatched faster than they run, so that several wait in its
+queue (a device thread blocks in an all-reduce rendezvous that another device's share,
+queued behind a different program, never reaches; XLA aborts the process after 40 s:
+"Expected 2 threads to join the rendezvous, but only 1 of them arrived"). Seen with jaxlib
+0.10.2 on 2 and 8 CPU devices, for independent programs and for chains (each step taking
+the last one's output) alike, and never when each call is waited for
+(``tests/test_cpu_collectives.py``). Every multi-device program the package runs more than
+once (training and QAT steps, HVPs and probes, evaluation, prediction) goes through it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Sequence
 
 import jax
@@ -35,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA_AXIS", "data_mesh", "default_mesh", "set_default_devices", "replicated",
            "batch_sharding", "replicate", "shard_batch", "process_slice", "to_host",
-           "as_batch_list", "batch_size"]
+           "as_batch_list", "batch_size", "serial_on_cpu"]
 
 DATA_AXIS = "data"
 _default_count: int | None = None  # set by set_default_devices; None: every device
@@ -218,3 +230,32 @@ def to_host(x: Any) -> Any:
       return np.asarray(a.addressable_data(0))
     return np.asarray(a)
   return jax.tree_util.tree_map(get, x)
+
+
+def _on_several_cpu_devices(tree: Any) -> bool:
+  for x in jax.tree_util.tree_leaves(tree):
+    if isinstance(x, jax.Array):
+      devices = x.sharding.device_set
+      return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+  return False
+
+
+def serial_on_cpu(fn: Callable) -> Callable:
+  """``fn`` (a jitted function) that waits for its result when that result lies on several
+  CPU devices; unchanged elsewhere (one device, GPU, TPU keep dispatching asynchronously).
+
+  For programs with collectives that a caller dispatches one after another: XLA:CPU can
+  deadlock when several wait in its queue (module docstring). The wait costs the overlap
+  of Python with the device, nothing else. ``lower``, ``trace`` and
+  ``_cache_size`` of the jitted function stay reachable.
+  """
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    out = fn(*args, **kwargs)
+    if _on_several_cpu_devices(out):
+      jax.block_until_ready(out)
+    return out
+  for name in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
+    if hasattr(fn, name):
+      setattr(call, name, getattr(fn, name))
+  return call

@@ -46,9 +46,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # at a trained minimum; one backward pass per probe gives every layer), each layer
   # stopped when its Student-t interval at `confidence` (0.6827: one standard error) is
   # within rtol of the trace. The paper's Hessian is one flag away:
-  # --config.hessian.curvature=hessian (estimator per_layer; hutchpp needs ~3x fewer HVPs
-  # to 5% on ResNet20 but is not the default yet: amq_jax/hessian/_trace.py). Figures:
-  # benchmarks/RESULTS.md (bench_curvature.py).
+  # --config.hessian.curvature=hessian (estimator hutchpp: ~3x fewer HVPs than per_layer
+  # to 5% on ResNet20). Figures: benchmarks/RESULTS.md (bench_curvature.py).
   c.hessian.curvature = "ggn"    # 'hessian' | 'ggn' | 'fisher'
   # GGN only: 'exact' (one per-example backward pass per class, no sampling error),
   # 'sampled' (output-space probes to rtol) or 'auto' = exact when the classes are no more
@@ -61,7 +60,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.hessian.compare_max_probes = None
   c.hessian.num_examples = 256
   c.hessian.batch_size = 128
-  c.hessian.estimator = "per_layer"  # Hessian estimator: 'per_layer' | 'hutchpp' | 'joint'
+  c.hessian.estimator = "hutchpp"  # Hessian estimator: 'hutchpp' | 'per_layer' | 'joint'
   c.hessian.rtol = 0.05          # relative precision of every layer's trace
   c.hessian.confidence = 0.6827  # of the Student-t interval (one standard error)
   c.hessian.min_probes = 10

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from amq_jax import models
-from amq_jax._sharding import data_mesh, process_slice, shard_batch
+from amq_jax._sharding import data_mesh, process_slice, serial_on_cpu, shard_batch
 from amq_jax.detection import _data
 from amq_jax.detection._anchors import AnchorConfig, generate_anchors
 from amq_jax.detection._coco_eval import coco_evaluate
@@ -100,7 +100,7 @@ def make_predict_fn(apply_fn: ApplyFn, anchors, image_hw, **post_kw):
   def predict(variables, images):
     out, _ = apply_fn(variables, images, False)
     return batched_postprocess(out, anchors, image_hw=tuple(image_hw), **post_kw)
-  return jax.jit(predict)
+  return serial_on_cpu(jax.jit(predict))
 
 
 def _gather(tree):

@@ -143,7 +143,7 @@ def activation_traces(model, variables, batch, *, key: jax.Array,
     return vals, fin[0], l[0]
 
   rep = _sharding.replicated(mesh)
-  step = jax.jit(step, out_shardings=rep)
+  step = _sharding.serial_on_cpu(jax.jit(step, out_shardings=rep))
   sharded = _sharding.shard_batch({"x": images, "y": labels,
                                    "n": np.arange(len(images), dtype=np.int32)
                                    if jax.process_count() == 1 else

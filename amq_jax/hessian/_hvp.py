@@ -94,6 +94,9 @@ _JIT_CACHE_SIZE = 512
 def cached_jit(kind: str, pb: "Problem", sig: tuple, build: Callable[[], Callable]):
   """``jax.jit(build(), out_shardings=replicated)``, reused across calls.
 
+  Callers run these many times in a row (probes, layers, batches): on several CPU devices
+  each call waits for its result (``_sharding.serial_on_cpu``).
+
   Estimators are often called repeatedly with the same ``loss_fn`` (several estimators,
   layers, batches): compiling a forward-over-reverse HVP takes seconds on CPU, so the
   jitted function is kept per (kind, loss_fn, static signature, mesh) in a small LRU.
@@ -102,7 +105,7 @@ def cached_jit(kind: str, pb: "Problem", sig: tuple, build: Callable[[], Callabl
   key = (kind, pb.loss_fn, sig, pb.mesh)
   fn = _JIT_CACHE.get(key)
   if fn is None:
-    fn = jax.jit(build(), out_shardings=pb.replicated)
+    fn = _sharding.serial_on_cpu(jax.jit(build(), out_shardings=pb.replicated))
     _JIT_CACHE[key] = fn
     while len(_JIT_CACHE) > _JIT_CACHE_SIZE:
       _JIT_CACHE.popitem(last=False)

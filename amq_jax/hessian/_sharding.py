@@ -6,7 +6,7 @@ in the package-wide home :mod:`amq_jax._sharding` (training uses the same ones).
 """
 from amq_jax._sharding import (_batch_spec, as_batch_list, batch_size, batch_sharding,  # noqa: F401
                                data_mesh, default_mesh, process_slice, replicate, replicated,
-                               shard_batch, to_host)
+                               serial_on_cpu, shard_batch, to_host)
 
 __all__ = ["default_mesh", "shard_batch", "replicate", "to_host", "as_batch_list",
            "batch_size"]

@@ -63,11 +63,10 @@ STATUSES = _stats.STATUSES
 # every layer to 5% relative standard error at one standard error): 'hutchpp' with a
 # sketch of 8 got all 22 layers there with 572 one-layer HVPs (395 s on one CPU device),
 # where 'per_layer' needs ~1,800 (projected; ~1,000 s), 'joint' ~10,200 and 'adaptive'
-# ~8,200. Hutch++ is NOT the default yet: on several (simulated) CPU devices its sketch
-# phase, which dispatches many small programs with an all-reduce each, was aborted twice by
-# XLA:CPU in an all-reduce rendezvous (a 2-device benchmark, and the 8-device test suite).
-# Until that is understood the default stays 'per_layer'; pass estimator='hutchpp'.
-DEFAULT_ESTIMATOR = "per_layer"
+# ~8,200. (It was held back while XLA:CPU aborted its many small multi-device programs in
+# an all-reduce rendezvous: a jaxlib deadlock, now avoided for every program the package
+# runs; amq_jax/_sharding.py, tests/test_cpu_collectives.py.)
+DEFAULT_ESTIMATOR = "hutchpp"
 DEFAULT_SKETCH = 8
 # fold_in index of the Hutch++ sketch of a layer (probe indices count up from 0).
 _SKETCH_STREAM = 0x7FFFFFFF
@@ -381,7 +380,7 @@ class _BlockSampler(_Sampler):
             out, fin = hv(pb.params, pb.w[path], batch, weight, V[c])
             acc = out if acc is None else acc + out
             fin_c.append(fin)
-          rows.append(jax.block_until_ready(acc))  # few programs in flight (see above)
+          rows.append(acc)
           fins.append(jnp.stack(fin_c))
         return jnp.stack(rows), jnp.all(jnp.stack(fins), axis=0)  # [batches]
 
@@ -399,7 +398,8 @@ class _BlockSampler(_Sampler):
       f1, f2 = np.asarray(f1, bool), np.asarray(f2, bool)
       fins[:, i] = f1 if not f1.all() else f2
       if not fins[:, i].all():  # the error path only: name the batches with a bad loss too
-        loss = jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b))
+        loss = _sharding.serial_on_cpu(
+            jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b)))
         losses = [float(_sharding.to_host(loss(pb.params, pb.w, b))) for b in pb.batches]
         _nonfinite(pb, fins, losses, [i])
       self.t0[i] = float(t0)
@@ -485,9 +485,10 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       given, it is checked once to equal ``output_loss`` on ``logits_fn`` (first batch).
     key: PRNG key; the result is a deterministic function of it (for any device count,
       up to float32 rounding of the batch sums).
-    estimator: for ``curvature='hessian'``: ``'per_layer'`` (default), ``'hutchpp'`` (3x
-      fewer HVPs on ResNet20; see ``DEFAULT_ESTIMATOR``), ``'joint'`` or ``'adaptive'``. Not used by 'ggn'/'fisher', whose only
-      estimator is the output-space probe.
+    estimator: for ``curvature='hessian'``: ``'hutchpp'`` (default: 3x fewer HVPs than
+      'per_layer' to 5% on ResNet20; see ``DEFAULT_ESTIMATOR``), ``'per_layer'``,
+      ``'joint'`` or ``'adaptive'``. Not used by 'ggn'/'fisher', whose only estimator is
+      the output-space probe.
     curvature: ``'hessian'`` (default; the paper's method), ``'ggn'`` (generalized
       Gauss-Newton ``J^T H_out J``) or ``'fisher'`` (Monte-Carlo Fisher): see
       :mod:`amq_jax.hessian._ggn`.

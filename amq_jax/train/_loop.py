@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amq_jax._sharding import (data_mesh, process_slice, replicate, shard_batch,
+from amq_jax._sharding import (data_mesh, process_slice, replicate, serial_on_cpu, shard_batch,
                                to_host)
 from amq_jax.data._sources import as_source
 from amq_jax.errors import ConfigError, DataError, NonFiniteError
@@ -137,7 +137,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     new_ts = ts.replace(step=ts.step + 1, params=params, opt_state=opt_state,
                         model_state=new_state)
     return new_ts, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-  return jax.jit(step, donate_argnums=0)
+  return serial_on_cpu(jax.jit(step, donate_argnums=0))
 
 
 def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation):
@@ -152,7 +152,7 @@ def make_eval_step(apply_fn: ApplyFn):
     m = batch["mask"]
     return (jnp.sum(_xent(logits, batch["label"]) * m),
             jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m), jnp.sum(m))
-  return jax.jit(ev)
+  return serial_on_cpu(jax.jit(ev))
 
 
 def evaluate(eval_step, variables, data, *, batch_size: int, mesh=None) -> dict:
