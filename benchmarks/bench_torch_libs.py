@@ -31,6 +31,13 @@ Rows (``--rows`` takes group or row names, comma-separated):
   ``HessianLinearOperator`` restricted to one layer's kernel with Hutchinson probes (the
   samples ``z^T H z`` that ``curvlinops.hutchinson_trace`` averages; kept one by one here
   so that the rule can be applied), and amq-jax ``layer_traces(estimator='per_layer')``.
+* ``hutchpp``: Hutch++ per layer, same rule, sketch ``--sketch`` columns: amq-jax
+  ``layer_traces(estimator='hutchpp')`` (its default) and the same algorithm on curvlinops'
+  one-layer ``HessianLinearOperator`` (Gaussian sketch ``S``, ``Q = qr(H S)``, exact
+  ``Tr(Q^T H Q)``, then samples ``Tr(Q^T H Q) + y^T H y`` with ``y = (I - QQ^T) z``).
+  curvlinops' own ``hutchpp_trace`` returns one number for a fixed product budget, with no
+  spread to stop on, so its algorithm is run here with the samples kept. Work counts the
+  ``2 r`` sketch products of every layer.
   Rows stopped by the cap report how many layers converged and a projection of the work
   (and time) to reach the rule everywhere, from each layer's sample variance.
 
@@ -93,13 +100,15 @@ GROUPS = {
                 "backpack_ggn_mc"),
     "hessian": ("amq_hessian_per_layer", "torch_hessian_per_layer",
                 "curvlinops_hessian_per_layer"),
+    "hutchpp": ("amq_hessian_hutchpp", "curvlinops_hessian_hutchpp"),
 }
 ALL_ROWS = tuple(r for g in GROUPS.values() for r in g)
 COUNTERPART = {"torch_grad": "jax_grad", "torch_hvp": "jax_hvp",
                "backpack_ggn_exact": "amq_ggn_exact", "curvlinops_ggn_exact": "amq_ggn_exact",
                "backpack_ggn_mc": "amq_fisher",
                "torch_hessian_per_layer": "amq_hessian_per_layer",
-               "curvlinops_hessian_per_layer": "amq_hessian_per_layer"}
+               "curvlinops_hessian_per_layer": "amq_hessian_per_layer",
+               "curvlinops_hessian_hutchpp": "amq_hessian_hutchpp"}
 LIBRARY = {"torch_grad": "PyTorch autograd", "jax_grad": "jax.grad",
            "torch_hvp": "PyTorch double backward", "jax_hvp": "amq-jax make_hvp",
            "amq_ggn_exact": "amq-jax exact_ggn_traces (layer hooks: patches x output grads)",
@@ -113,7 +122,10 @@ LIBRARY = {"torch_grad": "PyTorch autograd", "jax_grad": "jax.grad",
            "backpack_ggn_mc": "BackPACK DiagGGNMC",
            "amq_hessian_per_layer": "amq-jax layer_traces per_layer",
            "torch_hessian_per_layer": "PyHessian-style loop (torch_reference)",
-           "curvlinops_hessian_per_layer": "curvlinops HessianLinearOperator + Hutchinson"}
+           "curvlinops_hessian_per_layer": "curvlinops HessianLinearOperator + Hutchinson",
+           "amq_hessian_hutchpp": "amq-jax layer_traces hutchpp",
+           "curvlinops_hessian_hutchpp": "curvlinops HessianLinearOperator + Hutch++ (same "
+                                         "algorithm and rule)"}
 
 
 # --------------------------------------------------------------------------- the models
@@ -332,6 +344,40 @@ def curvlinops_per_layer_until(ops: dict, gen, *, rtol, min_probes, max_probes, 
   return samples, met, matvecs, time.perf_counter() - t0
 
 
+def curvlinops_hutchpp_until(ops: dict, gen, *, sketch, rtol, min_probes, max_probes,
+                             time_cap, probes_per_step):
+  """Hutch++ per layer on curvlinops operators: the sketch of every layer first (``2 r``
+  products each, as amq-jax), then rounds of deflated Hutchinson probes per active layer."""
+  t0 = time.perf_counter()
+  base, Qs, matvecs = {}, {}, 0
+  for p, A in ops.items():
+    r = min(sketch, A.shape[1])
+    S = torch.randn((A.shape[1], r), generator=gen)
+    Q, _ = torch.linalg.qr(A @ S)
+    base[p] = float(torch.einsum("ij,ij->", Q, A @ Q))
+    Qs[p] = Q
+    matvecs += 2 * r
+  samples = {p: [] for p in ops}
+  met, active = {}, set(ops)
+  while active:
+    for p in [p for p in ops if p in active]:
+      A, Q = ops[p], Qs[p]
+      k = min(probes_per_step, max_probes - len(samples[p]))
+      Z = tr.rademacher((A.shape[1], k), gen)
+      Y = Z - Q @ (Q.T @ Z)
+      matvecs += k
+      samples[p].extend(base[p] + float(v) for v in torch.einsum("ij,ij->j", Y, A @ Y))
+      if _stats.rule_met(samples[p], rtol=rtol, atol=0.0, min_probes=min_probes,
+                         confidence=CONFIDENCE_1SE):
+        met[p] = True
+        active.discard(p)
+      elif len(samples[p]) >= max_probes:
+        active.discard(p)
+      if time.perf_counter() - t0 > time_cap:
+        return samples, met, matvecs, time.perf_counter() - t0
+  return samples, met, matvecs, time.perf_counter() - t0
+
+
 def curvlinops_exact_trace(op, chunk: int) -> float:
   """``Tr(A)`` from ``A @ I`` in column chunks (``D`` matrix-vector products)."""
   d = op.shape[1]
@@ -390,6 +436,8 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=None, help="grad/HVP repetitions (default 5)")
   ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--sketch", type=int, default=8,
+                  help="hutchpp rows: sketch columns per layer (amq-jax's default, 8)")
   args = ap.parse_args(argv)
   q = args.quick
   n = args.images or (32 if q else 256)
@@ -690,10 +738,47 @@ def main(argv=None):
         f"{r['layers_converged']}/{len(wrt)} converged (warm-up {warm:.1f} s)")
     save()
 
-  if "curvlinops_hessian_per_layer" in rows:
+  if "amq_hessian_hutchpp" in rows:
+    est, r = amq_row(loss_fn, 30_000, 6, max_probes, per_layer_units=True,
+                     estimator="hutchpp", sketch_size=args.sketch,
+                     probes_per_step=args.probes_per_step)
+    sketch_hvps = sum(2 * min(args.sketch, num_params[p]) for p in wrt)
+    if r.get("projected_units") is not None:
+      r["projected_units"] += sketch_hvps
+    r.update(units=sum(e.probes for e in est.values()) + sketch_hvps, sketch_hvps=sketch_hvps,
+             unit="one-layer HVPs (sketch included)",
+             statuses={p: e.status for p, e in est.items()})
+    runs["amq_hessian_hutchpp"] = r
+    say(f"amq-jax hutchpp: {r['seconds']:.1f} s, {r['units']} HVPs, {r['layers_converged']}/"
+        f"{len(wrt)} converged (warm-up/compile {r['compile_s']:.1f} s)")
+    save()
+
+  if "curvlinops_hessian_per_layer" in rows or "curvlinops_hessian_hutchpp" in rows:
     from curvlinops import HessianLinearOperator
     ops = {p: HessianLinearOperator(tmodel, nn.CrossEntropyLoss(), [tkp[p]], tbatches,
                                     check_deterministic=False, num_data=n) for p in wrt}
+
+  if "curvlinops_hessian_hutchpp" in rows:
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    t0 = time.perf_counter()  # warm-up: one product with the first layer's operator
+    ops[wrt[0]] @ torch.ones(ops[wrt[0]].shape[1])
+    warm = time.perf_counter() - t0
+    samples, met, mv, sec = curvlinops_hutchpp_until(
+        ops, gen, sketch=args.sketch, rtol=rtol, min_probes=min_probes, max_probes=max_probes,
+        time_cap=cap, probes_per_step=args.probes_per_step)
+    r = _samples_row(samples, num_params, met, rtol=rtol, min_probes=min_probes,
+                     per_layer_units=True)
+    sketch_mv = sum(2 * min(args.sketch, num_params[p]) for p in wrt)
+    if r.get("projected_units") is not None:
+      r["projected_units"] += sketch_mv
+    r.update(seconds=sec, warmup_s=warm, units=mv, sketch_hvps=sketch_mv,
+             unit="one-layer HVPs (sketch included)")
+    runs["curvlinops_hessian_hutchpp"] = r
+    say(f"curvlinops Hutch++: {sec:.1f} s, {mv} HVPs, {r['layers_converged']}/"
+        f"{len(wrt)} converged (warm-up {warm:.1f} s)")
+    save()
+
+  if "curvlinops_hessian_per_layer" in rows:
     gen = torch.Generator().manual_seed(args.seed + 5)
     t0 = time.perf_counter()  # warm-up: one product with the first layer's operator
     ops[wrt[0]] @ torch.ones(ops[wrt[0]].shape[1])
