@@ -318,53 +318,32 @@ def backpack_mc_until(ext, kp, tbatches, n, *, mc_samples, rtol, min_probes, max
   return samples, met, passes, time.perf_counter() - t0
 
 
-def curvlinops_per_layer_until(ops: dict, gen, *, rtol, min_probes, max_probes, time_cap,
-                               probes_per_step):
-  """Per-layer Hutchinson on curvlinops operators, one round of probes per active layer."""
-  samples = {p: [] for p in ops}
-  met, active = {}, set(ops)
-  matvecs = 0
-  t0 = time.perf_counter()
-  while active:
-    for p in [p for p in ops if p in active]:
-      A = ops[p]
-      k = min(probes_per_step, max_probes - len(samples[p]))
-      Z = tr.rademacher((A.shape[1], k), gen)
-      AZ = A @ Z
-      matvecs += k
-      samples[p].extend(float(v) for v in torch.einsum("ij,ij->j", Z, AZ))
-      if _stats.rule_met(samples[p], rtol=rtol, atol=0.0, min_probes=min_probes,
-                         confidence=CONFIDENCE_1SE):
-        met[p] = True
-        active.discard(p)
-      elif len(samples[p]) >= max_probes:
-        active.discard(p)
-      if time.perf_counter() - t0 > time_cap:  # one round of 22 layers can take minutes
-        return samples, met, matvecs, time.perf_counter() - t0
-  return samples, met, matvecs, time.perf_counter() - t0
+def curvlinops_until(ops: dict, gen, *, sketch, rtol, min_probes, max_probes, time_cap,
+                     probes_per_step):
+  """Per-layer Hutchinson (``sketch=0``) or Hutch++ (``sketch=r``) on curvlinops operators.
 
-
-def curvlinops_hutchpp_until(ops: dict, gen, *, sketch, rtol, min_probes, max_probes,
-                             time_cap, probes_per_step):
-  """Hutch++ per layer on curvlinops operators: the sketch of every layer first (``2 r``
-  products each, as amq-jax), then rounds of deflated Hutchinson probes per active layer."""
+  Hutch++ first sketches every layer (``2 r`` products each, as amq-jax: Gaussian ``S``,
+  ``Q = qr(A S)``, exact ``Tr(Q^T A Q)``); then rounds of probes per active layer, each
+  sample ``Tr(Q^T A Q) + y^T A y`` with ``y = (I - QQ^T) z`` (plain ``z^T A z`` for r = 0).
+  """
   t0 = time.perf_counter()
   base, Qs, matvecs = {}, {}, 0
   for p, A in ops.items():
     r = min(sketch, A.shape[1])
-    S = torch.randn((A.shape[1], r), generator=gen)
-    Q, _ = torch.linalg.qr(A @ S)
-    base[p] = float(torch.einsum("ij,ij->", Q, A @ Q))
-    Qs[p] = Q
-    matvecs += 2 * r
+    base[p], Qs[p] = 0.0, None
+    if r:
+      Q, _ = torch.linalg.qr(A @ torch.randn((A.shape[1], r), generator=gen))
+      base[p], Qs[p] = float(torch.einsum("ij,ij->", Q, A @ Q)), Q
+      matvecs += 2 * r
   samples = {p: [] for p in ops}
   met, active = {}, set(ops)
   while active:
     for p in [p for p in ops if p in active]:
       A, Q = ops[p], Qs[p]
       k = min(probes_per_step, max_probes - len(samples[p]))
-      Z = tr.rademacher((A.shape[1], k), gen)
-      Y = Z - Q @ (Q.T @ Z)
+      Y = tr.rademacher((A.shape[1], k), gen)
+      if Q is not None:
+        Y = Y - Q @ (Q.T @ Y)
       matvecs += k
       samples[p].extend(base[p] + float(v) for v in torch.einsum("ij,ij->j", Y, A @ Y))
       if _stats.rule_met(samples[p], rtol=rtol, atol=0.0, min_probes=min_probes,
@@ -373,7 +352,7 @@ def curvlinops_hutchpp_until(ops: dict, gen, *, sketch, rtol, min_probes, max_pr
         active.discard(p)
       elif len(samples[p]) >= max_probes:
         active.discard(p)
-      if time.perf_counter() - t0 > time_cap:
+      if time.perf_counter() - t0 > time_cap:  # one round of 22 layers can take minutes
         return samples, met, matvecs, time.perf_counter() - t0
   return samples, met, matvecs, time.perf_counter() - t0
 
@@ -758,40 +737,27 @@ def main(argv=None):
     ops = {p: HessianLinearOperator(tmodel, nn.CrossEntropyLoss(), [tkp[p]], tbatches,
                                     check_deterministic=False, num_data=n) for p in wrt}
 
-  if "curvlinops_hessian_hutchpp" in rows:
-    gen = torch.Generator().manual_seed(args.seed + 7)
+  for name, sketch, seed_off in (("curvlinops_hessian_hutchpp", args.sketch, 7),
+                                 ("curvlinops_hessian_per_layer", 0, 5)):
+    if name not in rows:
+      continue
+    gen = torch.Generator().manual_seed(args.seed + seed_off)
     t0 = time.perf_counter()  # warm-up: one product with the first layer's operator
     ops[wrt[0]] @ torch.ones(ops[wrt[0]].shape[1])
     warm = time.perf_counter() - t0
-    samples, met, mv, sec = curvlinops_hutchpp_until(
-        ops, gen, sketch=args.sketch, rtol=rtol, min_probes=min_probes, max_probes=max_probes,
+    samples, met, mv, sec = curvlinops_until(
+        ops, gen, sketch=sketch, rtol=rtol, min_probes=min_probes, max_probes=max_probes,
         time_cap=cap, probes_per_step=args.probes_per_step)
     r = _samples_row(samples, num_params, met, rtol=rtol, min_probes=min_probes,
                      per_layer_units=True)
-    sketch_mv = sum(2 * min(args.sketch, num_params[p]) for p in wrt)
-    if r.get("projected_units") is not None:
+    sketch_mv = sum(2 * min(sketch, num_params[p]) for p in wrt)
+    if sketch_mv and r.get("projected_units") is not None:
       r["projected_units"] += sketch_mv
     r.update(seconds=sec, warmup_s=warm, units=mv, sketch_hvps=sketch_mv,
-             unit="one-layer HVPs (sketch included)")
-    runs["curvlinops_hessian_hutchpp"] = r
-    say(f"curvlinops Hutch++: {sec:.1f} s, {mv} HVPs, {r['layers_converged']}/"
-        f"{len(wrt)} converged (warm-up {warm:.1f} s)")
-    save()
-
-  if "curvlinops_hessian_per_layer" in rows:
-    gen = torch.Generator().manual_seed(args.seed + 5)
-    t0 = time.perf_counter()  # warm-up: one product with the first layer's operator
-    ops[wrt[0]] @ torch.ones(ops[wrt[0]].shape[1])
-    warm = time.perf_counter() - t0
-    samples, met, mv, sec = curvlinops_per_layer_until(
-        ops, gen, rtol=rtol, min_probes=min_probes, max_probes=max_probes, time_cap=cap,
-        probes_per_step=args.probes_per_step)
-    r = _samples_row(samples, num_params, met, rtol=rtol, min_probes=min_probes,
-                     per_layer_units=True)
-    r.update(seconds=sec, warmup_s=warm, units=mv, unit="one-layer HVPs")
-    runs["curvlinops_hessian_per_layer"] = r
-    say(f"curvlinops per-layer Hutchinson: {sec:.1f} s, {mv} HVPs, {r['layers_converged']}/"
-        f"{len(wrt)} converged (warm-up {warm:.1f} s)")
+             unit="one-layer HVPs" + (" (sketch included)" if sketch else ""))
+    runs[name] = r
+    say(f"{LIBRARY[name]}: {sec:.1f} s, {mv} HVPs, {r['layers_converged']}/{len(wrt)} "
+        f"converged (warm-up {warm:.1f} s)")
     save()
 
   # ---- ratios, agreement, table
