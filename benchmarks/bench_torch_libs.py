@@ -370,6 +370,15 @@ def curvlinops_exact_trace(op, chunk: int) -> float:
 
 # --------------------------------------------------------------------------- main
 
+def _dist_version(dist: str) -> str:
+  """The installed version of a distribution (these packages define no ``__version__``)."""
+  from importlib import metadata
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return "?"
+
+
 def _expand_rows(spec: str, ap) -> list[str]:
   out = []
   for tok in [t.strip() for t in spec.split(",") if t.strip()]:
@@ -456,8 +465,8 @@ def main(argv=None):
   logits_fn = hessian.linen_logits_fn(model, variables)
   mesh = hessian.default_mesh()
 
-  import backpack as _bp
-  import curvlinops as _cl
+  import backpack  # noqa: F401  (fail here, before any timing, without the bench environment)
+  import curvlinops  # noqa: F401
   result = {
       "complete": False, "model": "resnet20", "weights": "shipped",
       "images": n, "batch": bs, "layers": len(wrt), "rows": rows, "quick": q,
@@ -469,8 +478,8 @@ def main(argv=None):
                     "jax_x64": bool(jax.config.jax_enable_x64),
                     "jax_matmul": str(jax.config.jax_default_matmul_precision)},
       "versions": {"torch": torch.__version__, "jax": jax.__version__,
-                   "backpack": getattr(_bp, "__version__", "?"),
-                   "curvlinops": getattr(_cl, "__version__", "?")},
+                   "backpack": _dist_version("backpack-for-pytorch"),
+                   "curvlinops": _dist_version("curvlinops-for-pytorch")},
       "torch_threads": torch.get_num_threads(),
       "cpu_affinity": len(os.sched_getaffinity(0)), "cpus": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.machine(),
