@@ -24,8 +24,9 @@ devices; the test suite on 8): "Termination timeout for all reduce ... Expected 
 to join", jaxlib 0.10.2. The cause is XLA:CPU deadlocking when several multi-device programs
 with an all-reduce wait in its queue; every program the package runs repeatedly now waits
 for the last call on CPU, which avoids it (:func:`amq_jax._sharding.serial_on_cpu`,
-``tests/test_cpu_collectives.py``). Still opt-in: the shipped run's recorded figures are of
-one device, and a default run on host devices has not been re-timed since that fix.
+``tests/test_cpu_collectives.py``); the default run on 2 host devices finishes with it
+(``benchmarks/RESULTS.md``, session 4). Still opt-in: what the wait costs against one device
+has not been timed side by side yet.
 """
 from __future__ import annotations
 

@@ -283,8 +283,7 @@ class _HookMisfit(Exception):
 
 def _check_loss(loss_fn, logits_fn, pb: Problem, output_loss: str) -> None:
   """The GGN belongs to ``output_loss``; ``loss_fn`` (if given) must be that loss."""
-  f = _sharding.serial_on_cpu(jax.jit(
-      lambda p, b: (loss_fn(p, b), output_loss_value(logits_fn(p, b), b, output_loss))))
+  f = jax.jit(lambda p, b: (loss_fn(p, b), output_loss_value(logits_fn(p, b), b, output_loss)))
   a, b = (float(x) for x in _sharding.to_host(f(pb.params, pb.batches[0])))
   if not (math.isfinite(a) and math.isfinite(b)):
     raise NonFiniteError(f"non-finite loss on batch 0: loss_fn gives {a}, "

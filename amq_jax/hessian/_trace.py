@@ -398,8 +398,7 @@ class _BlockSampler(_Sampler):
       f1, f2 = np.asarray(f1, bool), np.asarray(f2, bool)
       fins[:, i] = f1 if not f1.all() else f2
       if not fins[:, i].all():  # the error path only: name the batches with a bad loss too
-        loss = _sharding.serial_on_cpu(
-            jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b)))
+        loss = jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b))
         losses = [float(_sharding.to_host(loss(pb.params, pb.w, b))) for b in pb.batches]
         _nonfinite(pb, fins, losses, [i])
       self.t0[i] = float(t0)
