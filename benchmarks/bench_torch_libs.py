@@ -412,8 +412,11 @@ def main(argv=None):
                   help="seconds per sampled/Hessian row (default 900); the torch_reference "
                        "loop has only --max-probes")
   ap.add_argument("--mc-samples", type=int, default=1, help="BackPACK DiagGGNMC per pass")
-  ap.add_argument("--probes-per-step", type=int, default=1,
-                  help="probes per jitted amq-jax step / per curvlinops matmat")
+  ap.add_argument("--probes-per-step", type=int, default=8,
+                  help="Hessian rows: probes per jitted amq-jax step (its default for "
+                       "per_layer/hutchpp, whose products of a step share the forward and "
+                       "backward pass) and columns per curvlinops matmat (a vmap: shares them "
+                       "too)")
   ap.add_argument("--vjp-probes-per-step", type=int, default=4,
                   help="amq-jax ggn/fisher probes per jitted step (as bench_curvature.py)")
   ap.add_argument("--curvlinops-exact-max-dim", type=int, default=None,

@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # at a trained minimum; one backward pass per probe gives every layer), each layer
   # stopped when its Student-t interval at `confidence` (0.6827: one standard error) is
   # within rtol of the trace. The paper's Hessian is one flag away:
-  # --config.hessian.curvature=hessian (estimator hutchpp: ~3x fewer HVPs than per_layer
+  # --config.hessian.curvature=hessian (estimator hutchpp: ~2.6x fewer HVPs than per_layer
   # to 5% on ResNet20). Figures: benchmarks/RESULTS.md (bench_curvature.py).
   c.hessian.curvature = "ggn"    # 'hessian' | 'ggn' | 'fisher'
   # GGN only: 'exact' (one per-example backward pass per class, no sampling error),

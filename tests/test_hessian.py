@@ -225,10 +225,12 @@ def test_no_recompilation():
   traces.clear()
   hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(0), estimator="per_layer",
                        min_probes=4, max_probes=12, **ONE)
-  # 'per_layer' differentiates one layer at a time: one restricted function per layer.
-  assert len(traces) == len(hvp.wrt)
+  # 'per_layer' differentiates one layer at a time: one restricted function per layer, its
+  # min(DEFAULT_BLOCK, min_probes) products unrolled (each traces the loss once).
+  assert len(traces) == len(hvp.wrt) * min(hessian._trace.DEFAULT_BLOCK, 4)
   traces.clear()
-  for est in ("joint", "per_layer", "adaptive"):
+  # Hutch++'s sketch and probes go through those same per-layer programs.
+  for est in ("joint", "per_layer", "adaptive", "hutchpp"):
     hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(1), estimator=est,
                          min_probes=4, max_probes=12, **ONE)
   assert len(traces) == 0  # all reused

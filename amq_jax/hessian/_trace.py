@@ -8,7 +8,9 @@ HAWQ-V2 (Dong et al. 2020, Sec. 3.2) needs ``Tr(H_ii)`` for every diagonal block
 * ``'per_layer'``: probe only layer ``i``, so the sample is ``z_i^T H_ii z_i`` exactly.
   Each HVP is RESTRICTED to the layer: the loss is differentiated w.r.t. that kernel alone
   (the others held fixed), so the tangent starts at the layer and the backward pass stops
-  there; one compiled function per layer. One restricted HVP per layer per probe.
+  there; one compiled function per layer. One restricted HVP per layer per probe, computed
+  ``probes_per_step`` at a time (default 8): the products of one step share the primal
+  forward and backward pass, so eight cost 0.12-0.59 of eight separate calls on ResNet20.
 * ``'hutchpp'``: Hutch++ (Meyer, Musco, Musco & Woodruff 2021) per layer on the restricted
   HVP. With ``Q`` an orthonormal basis of ``H_ii S`` for a Gaussian sketch ``S`` of
   ``r = sketch_size`` columns (``2 r`` HVPs: ``H S`` then ``H Q``),
@@ -59,13 +61,14 @@ __all__ = ["TraceEstimate", "layer_traces", "estimates_to_json", "estimates_from
 ESTIMATORS = ("joint", "per_layer", "adaptive", "hutchpp")
 CURVATURES = ("hessian", "ggn", "fisher")
 STATUSES = _stats.STATUSES
-# Measured (benchmarks/RESULTS.md; shipped ResNet20, 256 Fashion-MNIST images, 22 layers,
-# every layer to 5% relative standard error at one standard error): 'hutchpp' with a
-# sketch of 8 got all 22 layers there with 572 one-layer HVPs (395 s on one CPU device),
-# where 'per_layer' needs ~1,800 (projected; ~1,000 s), 'joint' ~10,200 and 'adaptive'
-# ~8,200. (It was held back while XLA:CPU aborted its many small multi-device programs in
-# an all-reduce rendezvous: a jaxlib deadlock, now avoided for every program the package
-# runs; amq_jax/_sharding.py, tests/test_cpu_collectives.py.)
+# Measured (benchmarks/RESULTS.md, 2026-12-02; shipped ResNet20, 256 Fashion-MNIST images,
+# 22 layers, every layer to 5% relative standard error at one standard error): 'hutchpp'
+# with a sketch of 8 got all 22 layers there with 704 one-layer HVPs in 117-121 s on one
+# CPU device (curvlinops' Hutch++ on the same weights: 272-307 s), where 'per_layer' needs
+# ~1,850 (projected, ~290-320 s), 'joint' ~10,200 and 'adaptive' ~8,200. (It was held back
+# while XLA:CPU aborted its many small multi-device programs in an all-reduce rendezvous: a
+# jaxlib deadlock, now avoided for every program the package runs; amq_jax/_sharding.py,
+# tests/test_cpu_collectives.py.)
 DEFAULT_ESTIMATOR = "hutchpp"
 DEFAULT_SKETCH = 8
 # fold_in index of the Hutch++ sketch of a layer (probe indices count up from 0).
@@ -201,56 +204,54 @@ def _build_step(loss_fn, wrt, shapes, dtypes, probes_per_step):
 
 # --- per_layer / hutchpp: restricted HVPs, one layer at a time -------------------------
 
-def _block_step(pb: Problem, i: int, rank: int, probes_per_step: int):
-  """Jitted restricted probe step for layer ``i`` (its kernel alone is differentiated).
+# Vectors per restricted-HVP call for 'per_layer' and 'hutchpp' when ``probes_per_step`` is
+# not given. The products of one call share the primal forward and backward pass (XLA
+# merges the identical work of the unrolled products): on the shipped ResNet20 at batch 128
+# eight products in one call cost 0.12 (head) to 0.59 (stem) of eight separate calls
+# (benchmarks/RESULTS.md, session 2026-12-02; benchmarks/bench_block_hvp.py).
+DEFAULT_BLOCK = 8
 
-  ``step(params, w_i, batch, weight, key, layer, count, Q)``: probe ``p`` is
-  ``z = probe(key, layer, count + p)`` projected off the ``rank`` orthonormal rows of ``Q``
-  (``[rank, n_i]``; none for 'per_layer'), ``y = z - Q^T Q z``; returns
-  ``(weight * y^T H_ii y [P], hv_finite, loss)``.
+
+def _block_hv(pb: Problem, i: int, k: int):
+  """Jitted ``(params, w_i, batch, weight, V [k, *shape]) -> (weight * H_ii V, finite)``.
+
+  ``H_ii v`` of each row ``v`` of ``V``, the loss differentiated w.r.t. layer ``i``'s kernel
+  alone (restricted: the tangent starts at the layer, the backward pass stops there). One
+  program per layer serves Hutch++'s sketch and every probe round.
   """
   path = pb.wrt[i]
   shape, dtype = pb.shapes[path], pb.dtypes[path]
-  sig = (path, shape, str(dtype), rank, probes_per_step)
+  sig = (path, shape, str(dtype), k)
 
   def build():
     loss_fn = pb.loss_fn
 
-    def step(params, wl, batch, weight, key, layer, count, Q):
+    def hv(params, wl, batch, weight, V):
       f = lambda w_: loss_fn(_paths.merge(params, {path: w_}), batch)
-
-      def one(p):
-        z = probe(key, layer, count + p, shape, dtype)
-        if rank:
-          zf = z.reshape(-1)
-          z = (zf - (Q @ zf) @ Q).reshape(shape)
-        loss, hz = loss_and_hvp(f, wl, z)
-        return jnp.vdot(z, hz).astype(jnp.float32), jnp.all(jnp.isfinite(hz)), loss
-
-      vals, fin, loss = _map_probes(one, probes_per_step)
-      return weight * vals, jnp.all(fin), loss[0]
-    return step
-
-  return cached_jit("block_step", pb, sig, build)
-
-
-def _block_hv(pb: Problem, i: int):
-  """Jitted ``(params, w_i, batch, weight, v) -> (weight * H_ii v, finite)`` (one vector;
-  Hutch++'s sketch calls it ``r`` times: one small compiled program per layer)."""
-  path = pb.wrt[i]
-  shape, dtype = pb.shapes[path], pb.dtypes[path]
-  sig = (path, shape, str(dtype))
-
-  def build():
-    loss_fn = pb.loss_fn
-
-    def hv(params, wl, batch, weight, v):
-      f = lambda w_: loss_fn(_paths.merge(params, {path: w_}), batch)
-      out = loss_and_hvp(f, wl, v)[1]
+      out = _map_probes(lambda p: loss_and_hvp(f, wl, V[p])[1], k)
       return weight * out, jnp.all(jnp.isfinite(out))
     return hv
 
   return cached_jit("block_hv", pb, sig, build)
+
+
+def _block_probes(pb: Problem, i: int, k: int, rank: int):
+  """Jitted ``(key, layer, count, Q [rank, n_i]) -> Y [k, *shape]``: Rademacher probes
+  ``count .. count + k - 1`` of ``layer``, each projected off the rows of ``Q``
+  (``y = z - Q^T Q z``; unchanged for rank 0). Cheap: no model in it, cached per shape."""
+  path = pb.wrt[i]
+  shape, dtype = pb.shapes[path], pb.dtypes[path]
+
+  def build():
+    def probes(key, layer, count, Q):
+      Z = jnp.stack([probe(key, layer, count + p, shape, dtype).reshape(-1)
+                     for p in range(k)])
+      if rank:
+        Z = Z - (Z @ Q.T) @ Q
+      return Z.reshape((k,) + tuple(shape))
+    return probes
+
+  return cached_jit("block_probes", pb, (shape, str(dtype), k, rank), build)
 
 
 @jax.jit
@@ -261,8 +262,10 @@ def _orth_rows(HS):
 
 
 @jax.jit
-def _quad(Q, HQ):
-  return jnp.sum(Q * HQ.reshape(HQ.shape[0], -1))
+def _quad_rows(Y, HY):
+  """``[y_p^T (H y)_p for each row p]`` in float32."""
+  n = Y.shape[0]
+  return jnp.sum(Y.reshape(n, -1) * HY.reshape(n, -1), axis=1).astype(jnp.float32)
 
 
 def _sketch_shapes(key, i, r, shape, dtype):
@@ -332,7 +335,8 @@ class _FullHVPSampler(_Sampler):
 
 
 class _BlockSampler(_Sampler):
-  """'per_layer' (rank 0) and 'hutchpp' (rank r): restricted HVPs, layer by layer."""
+  """'per_layer' (rank 0) and 'hutchpp' (rank r): restricted HVPs, layer by layer, ``P``
+  vectors per call of the layer's one program (:func:`_block_hv`)."""
   unit = "layer-hvps"
 
   def __init__(self, pb: Problem, key, probes_per_step: int, rank: int):
@@ -342,24 +346,39 @@ class _BlockSampler(_Sampler):
     self.Q: dict[int, Any] = {}
     self.t0: dict[int, float] = {}
 
-  def _dispatch(self, i, count):
-    pb = self.pb
+  def _apply(self, i, V):
+    """``(H_ii V, finite per batch)`` for ``V [m, *shape]`` in calls of ``P`` rows (the last
+    padded with zero rows, whose products are zero)."""
+    pb, P = self.pb, self.P
     path = pb.wrt[i]
-    r = self.ranks[i]
-    step = _block_step(pb, i, r, self.P)
-    Q = self.Q.get(i)
-    if Q is None:
-      Q = pb.replicate(jnp.zeros((0, pb.num_params[path]), pb.dtypes[path]))
-      self.Q[i] = Q
-    layer = pb.replicate(np.int32(i))
-    cnt = pb.replicate(np.int32(count[i]))
-    total, fins, losses = None, [], []
-    for batch, weight in zip(pb.batches, pb.weights):
-      v, fin, loss = step(pb.params, pb.w[path], batch, weight, self.key, layer, cnt, Q)
-      total = v if total is None else total + v
-      fins.append(fin)
-      losses.append(loss)
-    return total, fins, losses
+    hv = _block_hv(pb, i, P)
+    m = V.shape[0]
+    if m % P:
+      V = jnp.concatenate([V, jnp.zeros((P - m % P,) + V.shape[1:], V.dtype)])
+    chunks, fins = [], []
+    for c in range(0, V.shape[0], P):
+      acc, fin_c = None, []
+      for batch, weight in zip(pb.batches, pb.weights):
+        out, fin = hv(pb.params, pb.w[path], batch, weight, V[c:c + P])
+        acc = out if acc is None else acc + out
+        fin_c.append(fin)
+      chunks.append(acc)
+      fins.append(jnp.stack(fin_c))
+    HV = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+    return HV[:m], jnp.all(jnp.stack(fins), axis=0)  # [batches]
+
+  def _check(self, i, fins):
+    """NonFiniteError naming the batches (and those with a non-finite loss) of layer ``i``
+    when ``fins [batches]`` has a False."""
+    fins = np.asarray(fins, bool)
+    if fins.all():
+      return
+    pb = self.pb
+    f = np.ones((len(pb.batches), len(pb.wrt)), bool)
+    f[:, i] = fins
+    loss = jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b))
+    losses = [float(_sharding.to_host(loss(pb.params, pb.w, b))) for b in pb.batches]
+    _nonfinite(pb, f, losses, [i])
 
   def _sketch(self, layers):
     """Hutch++'s exact part ``Tr(Q^T H Q)`` for each layer (2 r restricted HVPs each)."""
@@ -369,38 +388,17 @@ class _BlockSampler(_Sampler):
       path, r = pb.wrt[i], self.ranks[i]
       if r == 0:
         continue
-      hv = _block_hv(pb, i)
-
-      def apply(V):
-        """``H V`` row by row, and per batch whether all its products were finite."""
-        rows, fins = [], []
-        for c in range(V.shape[0]):
-          acc, fin_c = None, []
-          for batch, weight in zip(pb.batches, pb.weights):
-            out, fin = hv(pb.params, pb.w[path], batch, weight, V[c])
-            acc = out if acc is None else acc + out
-            fin_c.append(fin)
-          rows.append(acc)
-          fins.append(jnp.stack(fin_c))
-        return jnp.stack(rows), jnp.all(jnp.stack(fins), axis=0)  # [batches]
-
       S = pb.replicate(_sketch_shapes(self.key, i, r, pb.shapes[path], pb.dtypes[path]))
-      HS, f1 = apply(S)
+      HS, f1 = self._apply(i, S)
       Q = _orth_rows(HS)
-      HQ, f2 = apply(Q.reshape((r,) + pb.shapes[path]))
+      HQ, f2 = self._apply(i, Q.reshape((r,) + pb.shapes[path]))
       self.Q[i] = Q
-      pending[i] = (_quad(Q, HQ), f1, f2)
+      pending[i] = (jnp.sum(_quad_rows(Q, HQ)), f1, f2)
       self.cost += 2 * r
-    fetched = _sharding.to_host(pending)
-    for i, (t0, f1, f2) in fetched.items():
-      fins = np.ones((len(pb.batches), len(pb.wrt)), bool)
+    for i, (t0, f1, f2) in _sharding.to_host(pending).items():
       # A non-finite H S spreads to every batch through Q: name the batches of H S first.
-      f1, f2 = np.asarray(f1, bool), np.asarray(f2, bool)
-      fins[:, i] = f1 if not f1.all() else f2
-      if not fins[:, i].all():  # the error path only: name the batches with a bad loss too
-        loss = jax.jit(lambda p, w, b: pb.loss_fn(_paths.merge(p, w), b))
-        losses = [float(_sharding.to_host(loss(pb.params, pb.w, b))) for b in pb.batches]
-        _nonfinite(pb, fins, losses, [i])
+      self._check(i, f1)
+      self._check(i, f2)
       self.t0[i] = float(t0)
 
   def round(self, active, count):
@@ -409,16 +407,21 @@ class _BlockSampler(_Sampler):
       self._sketch(range(len(pb.wrt)))
     pending, new = [], {}
     for i in np.flatnonzero(active):
-      if self.ranks[i] >= pb.num_params[pb.wrt[i]]:  # Q spans the block: exact
+      path = pb.wrt[i]
+      if self.ranks[i] >= pb.num_params[path]:  # Q spans the block: exact
         new[i] = np.full(self.P, self.t0[i])
         continue
-      pending.append((i, self._dispatch(i, count)))
+      Q = self.Q.get(i)
+      if Q is None:
+        Q = self.Q[i] = pb.replicate(jnp.zeros((0, pb.num_params[path]), pb.dtypes[path]))
+      Y = _block_probes(pb, i, self.P, self.ranks[i])(
+          self.key, pb.replicate(np.int32(i)), pb.replicate(np.int32(count[i])), Q)
+      HY, fins = self._apply(i, Y)
+      pending.append((i, (_quad_rows(Y, HY), fins)))
       self.cost += self.P
     fetched = _sharding.to_host([p[1] for p in pending])  # one sync per round
-    for (i, _), (vals, fins, losses) in zip(pending, fetched):
-      f = np.zeros((len(fins), len(pb.wrt)), bool)
-      f[:, i] = np.asarray(fins)
-      _nonfinite(pb, f, losses, [i])
+    for (i, _), (vals, fins) in zip(pending, fetched):
+      self._check(i, fins)
       new[i] = np.asarray(vals, np.float64) + self.t0.get(i, 0.0)
     return new
 
@@ -469,7 +472,8 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
                  curvature: str = "hessian", logits_fn: Callable | None = None,
                  output_loss: str = "xent", rtol: float = 0.05, atol: float = 0.0,
                  min_probes: int = 10, max_probes: int = 500, confidence: float = 0.95,
-                 probes_per_step: int = 1, sketch_size: int = DEFAULT_SKETCH, mesh=None,
+                 probes_per_step: int | None = None, sketch_size: int = DEFAULT_SKETCH,
+                 mesh=None,
                  progress: bool = True, max_time: float | None = None, model=None,
                  model_input: Callable | None = None) -> dict[str, TraceEstimate]:
   """Per-layer curvature traces ``Tr(C_ii)``, each layer stopped on its own error.
@@ -484,7 +488,7 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       given, it is checked once to equal ``output_loss`` on ``logits_fn`` (first batch).
     key: PRNG key; the result is a deterministic function of it (for any device count,
       up to float32 rounding of the batch sums).
-    estimator: for ``curvature='hessian'``: ``'hutchpp'`` (default: 3x fewer HVPs than
+    estimator: for ``curvature='hessian'``: ``'hutchpp'`` (default: 2.6x fewer HVPs than
       'per_layer' to 5% on ResNet20; see ``DEFAULT_ESTIMATOR``), ``'per_layer'``,
       ``'joint'`` or ``'adaptive'``. Not used by 'ggn'/'fisher', whose only estimator is
       the output-space probe.
@@ -496,7 +500,11 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
     output_loss: ``'xent'`` (softmax cross-entropy, integer ``batch['label']``) or
       ``'mse'`` (``mean((logits - batch['label'])**2)`` over examples and outputs).
     rtol, atol, min_probes, max_probes, confidence: the stopping rule.
-    probes_per_step: probes computed in one jitted step (one host sync per step).
+    probes_per_step: probes computed in one jitted step (one host sync per step; the rule
+      is checked after each step, so a layer stops at a multiple of it). None:
+      ``min(DEFAULT_BLOCK, min_probes)`` (8) for 'per_layer' and 'hutchpp', whose products
+      of one step share the forward and backward pass (Hutch++'s sketch goes through the
+      same program in steps of this many columns), 1 for the others.
     sketch_size: Hutch++'s sketch columns ``r`` per layer (``2 r`` HVPs up front).
     progress: a ``tqdm.auto`` bar of finished layers (on by default).
     max_time: wall-clock budget in seconds; after the step that exceeds it, every layer
@@ -527,6 +535,9 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if not (1 <= min_probes <= max_probes):
     raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+  if probes_per_step is None:
+    block = curvature == "hessian" and estimator in ("per_layer", "hutchpp")
+    probes_per_step = min(DEFAULT_BLOCK, min_probes) if block else 1
   if probes_per_step < 1:
     raise ValueError("probes_per_step must be >= 1")
   if not 0 < confidence < 1:
