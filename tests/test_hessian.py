@@ -226,8 +226,8 @@ def test_no_recompilation():
   hessian.layer_traces(loss_fn, params, batch, key=jax.random.key(0), estimator="per_layer",
                        min_probes=4, max_probes=12, **ONE)
   # 'per_layer' differentiates one layer at a time: one restricted function per layer, its
-  # min(DEFAULT_BLOCK, min_probes) products unrolled (each traces the loss once).
-  assert len(traces) == len(hvp.wrt) * min(hessian._trace.DEFAULT_BLOCK, 4)
+  # DEFAULT_BLOCK products unrolled (each traces the loss once).
+  assert len(traces) == len(hvp.wrt) * hessian._trace.DEFAULT_BLOCK
   traces.clear()
   # Hutch++'s sketch and probes go through those same per-layer programs.
   for est in ("joint", "per_layer", "adaptive", "hutchpp"):

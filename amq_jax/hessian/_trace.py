@@ -501,10 +501,11 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
       ``'mse'`` (``mean((logits - batch['label'])**2)`` over examples and outputs).
     rtol, atol, min_probes, max_probes, confidence: the stopping rule.
     probes_per_step: probes computed in one jitted step (one host sync per step; the rule
-      is checked after each step, so a layer stops at a multiple of it). None:
-      ``min(DEFAULT_BLOCK, min_probes)`` (8) for 'per_layer' and 'hutchpp', whose products
-      of one step share the forward and backward pass (Hutch++'s sketch goes through the
-      same program in steps of this many columns), 1 for the others.
+      is checked after each step, so a layer stops at a multiple of it, or at
+      ``max_probes``). None: ``DEFAULT_BLOCK`` (8) for 'per_layer' and 'hutchpp', whose
+      products of one step share the forward and backward pass (Hutch++'s sketch goes
+      through the same program in steps of this many columns), 1 for the others. The
+      compiled programs depend on it, not on ``min_probes``/``max_probes``.
     sketch_size: Hutch++'s sketch columns ``r`` per layer (``2 r`` HVPs up front).
     progress: a ``tqdm.auto`` bar of finished layers (on by default).
     max_time: wall-clock budget in seconds; after the step that exceeds it, every layer
@@ -537,7 +538,7 @@ def layer_traces(loss_fn: LossFn | None, params: Any, batches: Any, *, key: jax.
     raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
   if probes_per_step is None:
     block = curvature == "hessian" and estimator in ("per_layer", "hutchpp")
-    probes_per_step = min(DEFAULT_BLOCK, min_probes) if block else 1
+    probes_per_step = DEFAULT_BLOCK if block else 1
   if probes_per_step < 1:
     raise ValueError("probes_per_step must be >= 1")
   if not 0 < confidence < 1:
