@@ -238,7 +238,8 @@ def _block_hv(pb: Problem, i: int, k: int):
 def _block_probes(pb: Problem, i: int, k: int, rank: int):
   """Jitted ``(key, layer, count, Q [rank, n_i]) -> Y [k, *shape]``: Rademacher probes
   ``count .. count + k - 1`` of ``layer``, each projected off the rows of ``Q``
-  (``y = z - Q^T Q z``; unchanged for rank 0). Cheap: no model in it, cached per shape."""
+  (``y = z - Q^T Q z``; for rank 0 ``Q`` is None and unused). Cheap: no model in it,
+  cached per shape."""
   path = pb.wrt[i]
   shape, dtype = pb.shapes[path], pb.dtypes[path]
 
@@ -411,11 +412,9 @@ class _BlockSampler(_Sampler):
       if self.ranks[i] >= pb.num_params[path]:  # Q spans the block: exact
         new[i] = np.full(self.P, self.t0[i])
         continue
-      Q = self.Q.get(i)
-      if Q is None:
-        Q = self.Q[i] = pb.replicate(jnp.zeros((0, pb.num_params[path]), pb.dtypes[path]))
       Y = _block_probes(pb, i, self.P, self.ranks[i])(
-          self.key, pb.replicate(np.int32(i)), pb.replicate(np.int32(count[i])), Q)
+          self.key, pb.replicate(np.int32(i)), pb.replicate(np.int32(count[i])),
+          self.Q.get(i))  # None for 'per_layer' (rank 0)
       HY, fins = self._apply(i, Y)
       pending.append((i, (_quad_rows(Y, HY), fins)))
       self.cost += self.P
